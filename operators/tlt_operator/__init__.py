@@ -1,0 +1,1 @@
+"""Kubernetes operator for the RLJob custom resource (kopf); see DESIGN.md, Kubernetes."""

@@ -1,0 +1,137 @@
+"""The ``tlt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlt.errors import ConfigError, TLTError
+
+DEMO_PROMPTS = ("12+7=", "3*4+5=", "The answer is")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate completions for prompts with the native engine")
+    p.add_argument("--model", type=Path, help="HF model directory (default: the demo model, built on first use)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", type=Path, help="file with one prompt per line, or JSONL with a 'prompt' field")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-running", type=int, default=64, help="continuous-batching slots")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default on CPU) or float32")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_build_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-demo-model", help="build the small demo model and tokenizer locally (no download)")
+    p.add_argument("--out", type=Path, help="output directory (default: $TLT_HOME/models/demo)")
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.set_defaults(func=cmd_build_demo_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlt",
+        description="TLT: lossless long-tail acceleration of RL training for reasoning LLMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_build_demo(sub)
+    return parser
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (objects with a 'prompt' string)."""
+    if not path.is_file():
+        raise ConfigError(f"--prompts: file {path} does not exist")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--prompts: {path} line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise ConfigError(f"--prompts: {path} line {n} needs a string field 'prompt'")
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from tlt.models import load_model
+    from tlt.models.demo import ensure_demo_model
+    from tlt.rollout.engine import RolloutEngine
+    from tlt.rollout.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    prompts = read_prompts(args.prompts) if args.prompts else list(args.prompt or DEMO_PROMPTS)
+    if not prompts:
+        raise ConfigError("no prompts given: --prompts file is empty")
+    model_dir = args.model or ensure_demo_model()
+    model = load_model(model_dir, dtype=args.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model: could not load a tokenizer from {model_dir} ({exc})") from None
+    engine = RolloutEngine(model, max_running=args.max_running)
+    token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    start = time.perf_counter()
+    outputs = engine.generate(token_ids, [params] * len(prompts))
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(f"{prompt!r} -> {text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
+    total = sum(len(o.token_ids) for o in outputs)
+    print(f"generated {total} tokens for {len(prompts)} prompts in {elapsed:.2f}s "
+          f"({total / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_build_demo_model(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tlt.models.demo import default_demo_dir, ensure_demo_model
+
+    out = args.out or default_demo_dir()
+    if args.force:
+        shutil.rmtree(out, ignore_errors=True)
+    path = ensure_demo_model(out)
+    print(f"demo model ready at {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tlt`` command; user errors print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TLTError as exc:
+        print(f"tlt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tlt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Continuous-batching generation engine over our model and its slotted static KV cache.
+
+Each :meth:`RolloutEngine.step` admits queued requests into free slots and prefills them, decodes
+one token for every request that was already running, samples, and retires finished requests.
+Running requests always occupy slots ``0..n-1`` (a finished request's slot is refilled by moving the
+last one into it), so every forward reads the cache as a contiguous view.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tlt.errors import InvalidRequestError
+from tlt.models.transformer import CausalLM
+from tlt.rollout.sampling import SamplingParams, sample_tokens
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass
+class RequestOutput:
+    """A finished request: generated ids, their log-probs, and why it stopped ('stop' or 'length')."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """Engine progress, safe to read from any thread at any time."""
+
+    running: int
+    queued: int
+    finished: int
+    generated_tokens: int
+    tokens_per_s: float
+    timestamp: float
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cache_len: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt_ids, self.token_ids, self.logprobs, self.finish_reason or "")
+
+
+class RolloutEngine:
+    """Generates completions for many requests with continuous batching.
+
+    Args:
+        model: the target model (its dtype/device are used for the cache).
+        max_running: number of cache slots, i.e. the maximum decode batch.
+        max_seq_len: prompt + completion token limit per request (defaults to the model's context,
+            capped at 4096).
+        max_prefill_tokens: token budget of one prefill batch (at least one request is always admitted).
+        seed: seeds the generator of requests that bring no seed of their own.
+        cache_headroom: extra cache positions past ``max_seq_len`` for speculative blocks.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        max_running: int = 64,
+        max_seq_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+        eos_token_ids: Iterable[int] | None = None,
+        seed: int = 0,
+        cache_headroom: int = 0,
+    ) -> None:
+        if max_running < 1:
+            raise InvalidRequestError(f"engine.max_running must be >= 1, got {max_running}")
+        context = model.rope_cos.shape[0]
+        self.max_seq_len = min(max_seq_len or min(context, 4096), context - cache_headroom)
+        if self.max_seq_len < 2:
+            raise InvalidRequestError(f"engine.max_seq_len must be >= 2, got {self.max_seq_len}")
+        self.model = model
+        self.max_running = max_running
+        self.max_prefill_tokens = max_prefill_tokens
+        self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.cache = model.new_cache(max_running, self.max_seq_len + cache_headroom)
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._queue: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._finished_count = 0
+        self._generated = 0
+        self._rate_window: deque[tuple[float, int]] = deque()
+
+    # ---- submission -------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> str:
+        """Queue a request; validates it at once and returns its id."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens but max_seq_len is {self.max_seq_len} (prompt + at least one "
+                "new token); shorten the prompt or raise max_seq_len"
+            )
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_rng))
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        seq = _Sequence(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_ids=prompt,
+            params=params,
+            generator=torch.Generator().manual_seed(seed),
+            stop_ids=frozenset(stop),
+        )
+        with self._lock:
+            self._queue.append(seq)
+        return seq.request_id
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._running)
+
+    def progress(self) -> ProgressSnapshot:
+        """Counts of running/queued/finished requests and recent decode throughput."""
+        now = time.monotonic()
+        with self._lock:
+            while self._rate_window and now - self._rate_window[0][0] > 5.0:
+                self._rate_window.popleft()
+            window = list(self._rate_window)
+            snapshot = (len(self._running), len(self._queue), self._finished_count, self._generated)
+        rate = 0.0
+        if len(window) >= 2 and window[-1][0] > window[0][0]:
+            rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
+        return ProgressSnapshot(*snapshot, tokens_per_s=rate, timestamp=time.time())
+
+    # ---- stepping ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling iteration; returns the requests that finished in it."""
+        decoding = list(self._running)
+        admitted = self._admit()
+        new_tokens = 0
+        if decoding:
+            self._decode(decoding)
+            new_tokens += len(decoding)
+        if admitted:
+            self._prefill(admitted, slot_offset=len(decoding))
+            new_tokens += len(admitted)
+        return self._retire(new_tokens)
+
+    def run(self, on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Step until no request is queued or running; returns outputs in finishing order."""
+        outputs: list[RequestOutput] = []
+        while self.has_work():
+            for out in self.step():
+                outputs.append(out)
+                if on_finish is not None:
+                    on_finish(out)
+        return outputs
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Generate for all prompts; outputs are returned in prompt order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
+        by_id = {out.request_id: out for out in self.run()}
+        return [by_id[i] for i in ids]
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.max_prefill_tokens
+        with self._lock:
+            while self._queue and len(self._running) < self.max_running:
+                cost = len(self._queue[0].prompt_ids)
+                if admitted and cost > budget:
+                    break
+                seq = self._queue.popleft()
+                budget -= cost
+                admitted.append(seq)
+                self._running.append(seq)
+        return admitted
+
+    def _prefill(self, seqs: list[_Sequence], slot_offset: int) -> None:
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        out = self.model(
+            ids.to(self.model.device),
+            cache=self.cache,
+            slot_offset=slot_offset,
+            cache_lens=torch.zeros(len(seqs), dtype=torch.long, device=self.model.device),
+            last_index=torch.tensor(lengths, device=self.model.device) - 1,
+        )
+        for s, n in zip(seqs, lengths):
+            s.cache_len = n
+        self._append_samples(seqs, out.logits)
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        device = self.model.device
+        ids = torch.tensor([[s.last_token] for s in seqs], device=device)
+        cache_lens = torch.tensor([s.cache_len for s in seqs], device=device)
+        out = self.model(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens)
+        for s in seqs:
+            s.cache_len += 1
+        self._append_samples(seqs, out.logits[:, -1])
+
+    def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            self.append_token(s, tok, lp)
+
+    def append_token(self, seq: _Sequence, token: int, logprob: float) -> bool:
+        """Record a generated token and decide whether the sequence is finished; True if it is."""
+        seq.token_ids.append(token)
+        seq.logprobs.append(logprob)
+        if token in seq.stop_ids:
+            seq.finish_reason = FINISH_STOP
+        elif len(seq.token_ids) >= seq.params.max_new_tokens or seq.cache_len + 1 >= self.max_seq_len:
+            seq.finish_reason = FINISH_LENGTH
+        return seq.finish_reason is not None
+
+    def _retire(self, new_tokens: int) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        with self._lock:
+            slot = 0
+            while slot < len(self._running):
+                seq = self._running[slot]
+                if seq.finish_reason is None:
+                    slot += 1
+                    continue
+                finished.append(seq.output())
+                last = self._running.pop()
+                if last is not seq:
+                    self.cache.move_slot(len(self._running), slot, last.cache_len)
+                    self._running[slot] = last
+            self._finished_count += len(finished)
+            self._generated += new_tokens
+            self._rate_window.append((time.monotonic(), new_tokens))
+        return finished

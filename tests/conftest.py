@@ -1,0 +1,55 @@
+"""Shared fixtures: small random Hugging Face models written to disk once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests run on 2-core CI machines next to other processes; keep torch from oversubscribing.
+torch.set_num_threads(2)
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3, max_position_embeddings=512)
+
+
+def _save_random(path: Path, arch: str, init: float, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    kwargs = {**TINY, "initializer_range": init, "eos_token_id": 2, "bos_token_id": 1, **overrides}
+    torch.manual_seed(1234)
+    model = model_cls(cfg_cls(**kwargs)).eval()
+    if arch == "qwen2":  # HF initialises q/k/v biases to zero; make them matter for parity
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, init)
+    model.save_pretrained(str(path))
+    return path
+
+
+MODEL_VARIANTS = {
+    # GQA 4/2, tied embeddings, q/k/v bias
+    "qwen2-gqa-tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    # GQA 4/1, untied, llama3 rope scaling
+    "llama-gqa-rope3": ("llama", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    # plain multi-head attention, explicit head_dim
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16)),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(MODEL_VARIANTS))
+def hf_model_dir(request, tmp_path_factory) -> Path:
+    """Each architecture variant, with HF-default initialisation (std 0.02)."""
+    arch, overrides = MODEL_VARIANTS[request.param]
+    return _save_random(tmp_path_factory.mktemp(request.param), arch, 0.02, **overrides)
+
+
+@pytest.fixture(scope="session")
+def peaky_model_dir(tmp_path_factory) -> Path:
+    """A Qwen2 GQA model with large init so greedy argmax has clear margins (no fp ties)."""
+    return _save_random(tmp_path_factory.mktemp("peaky"), "qwen2", 0.2, num_attention_heads=4, num_key_value_heads=2)
