@@ -9,9 +9,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlt.drafter.warmup import DrafterTrainConfig
 from tlt.errors import ConfigError, TLTError
 
-DEMO_PROMPTS = ("12+7=", "3*4+5=", "The answer is")
+# Demo-task problems (tlt.data.demo_task): left-to-right arithmetic, answered with a chain of thought.
+DEMO_PROMPTS = ("Q: 5+7=?\nA:", "Q: 3*4+5=?\nA:", "Q: 9-2*2+6-1=?\nA:")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +37,29 @@ def _add_build_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-demo-model", help="build the small demo model and tokenizer locally (no download)")
     p.add_argument("--out", type=Path, help="output directory (default: $TLT_HOME/models/demo)")
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: $TLT_DEMO_TRAIN_STEPS, else the full build, ~9 min on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, training data and evaluation")
+    p.add_argument("--eval-problems", type=int, default=None,
+                   help="held-out problems to evaluate after training (default: $TLT_DEMO_EVAL_PROBLEMS, else 200)")
     p.set_defaults(func=cmd_build_demo_model)
+
+
+def _add_train_drafter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-drafter", help="offline EAGLE-3 drafter warm-up on the target's own responses")
+    p.add_argument("--model", type=Path, help="target HF model directory (default: the demo model)")
+    p.add_argument("--out", type=Path, help="output EAGLE-3 directory (default: $TLT_HOME/models/demo-drafter)")
+    p.add_argument("--prompts", type=Path, help="prompt file (text or JSONL); default: demo-task prompts")
+    p.add_argument("--num-prompts", type=int, default=512, help="demo-task prompts to answer")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=DrafterTrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=DrafterTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=DrafterTrainConfig.lr)
+    p.add_argument("--ttt-steps", type=int, default=DrafterTrainConfig.ttt_steps,
+                   help="unrolled draft steps in the loss (training-time test)")
+    p.add_argument("--aux-layers", help="three target layer ids, e.g. 2,4,5 (default: vLLM's (2, L//2, L-3))")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_drafter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_build_demo(sub)
+    _add_train_drafter(sub)
     return parser
 
 
@@ -111,12 +136,64 @@ def cmd_build_demo_model(args: argparse.Namespace) -> int:
     import shutil
 
     from tlt.models.demo import default_demo_dir, ensure_demo_model
+    from tlt.models.demo_training import SUMMARY_FILE
 
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.eval_problems is not None and args.eval_problems < 0:
+        raise ConfigError(f"--eval-problems must be >= 0, got {args.eval_problems}")
     out = args.out or default_demo_dir()
     if args.force:
         shutil.rmtree(out, ignore_errors=True)
-    path = ensure_demo_model(out)
+    path = ensure_demo_model(out, steps=args.steps, seed=args.seed, eval_problems=args.eval_problems)
+    summary_path = path / SUMMARY_FILE
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        ev = summary.get("eval", {})
+        line = f"trained {summary['train']['steps']} steps, final loss {summary['train']['final_loss']}"
+        if ev:
+            line += (f"; held-out greedy accuracy {ev['greedy_accuracy']:.1%}, "
+                     f"sampled (T=1) {ev['sampled_accuracy_t1']:.1%} on {ev['problems']} problems")
+        print(line)
     print(f"demo model ready at {path}")
+    return 0
+
+
+def parse_layer_ids(text: str | None) -> tuple[int, ...] | None:
+    """'2,4,5' -> (2, 4, 5), with an error naming the option."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--aux-layers must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from tlt.drafter.warmup import warmup_drafter
+    from tlt.models.demo import ensure_demo_model, tlt_home
+
+    for name in ("steps", "batch_size", "ttt_steps", "num_prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    model_dir = args.model or ensure_demo_model()
+    out = args.out or tlt_home() / "models" / "demo-drafter"
+    prompts = None
+    if args.prompts:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        prompts = [tokenizer.encode(p, add_special_tokens=False) for p in read_prompts(args.prompts)]
+    cfg = DrafterTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ttt_steps=args.ttt_steps,
+                             seed=args.seed)
+    summary = warmup_drafter(model_dir, out, prompts=prompts, num_prompts=args.num_prompts,
+                             max_new_tokens=args.max_new_tokens, train=cfg,
+                             aux_layer_ids=parse_layer_ids(args.aux_layers))
+    acc = ", ".join(f"{a:.2f}" for a in summary["final_step_accuracy"])
+    print(f"drafter saved to {out} (EAGLE-3 format); final loss {summary['final_loss']:.3f}, "
+          f"top-1 agreement per draft step [{acc}], {summary['total_s']:.0f}s")
     return 0
 
 

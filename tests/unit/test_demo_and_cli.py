@@ -15,6 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tlt.models import load_model
 from tlt.models.demo import ensure_demo_model
 
+FAST_BUILD = {"TLT_DEMO_TRAIN_STEPS": "3", "TLT_DEMO_EVAL_PROBLEMS": "0"}  # the full build takes ~9 min
+
+
+@pytest.fixture(autouse=True)
+def fast_demo_build(monkeypatch):
+    for key, value in FAST_BUILD.items():
+        monkeypatch.setenv(key, value)
+
 
 @pytest.fixture(scope="module")
 def tlt_home(tmp_path_factory) -> Path:
@@ -22,7 +30,7 @@ def tlt_home(tmp_path_factory) -> Path:
 
 
 def run_tlt(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TLT_HOME": str(home)}
+    env = {**os.environ, **FAST_BUILD, "TLT_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "tlt.cli", *args], capture_output=True, text=True, env=env,
                           timeout=300)
     if check:

@@ -1,16 +1,18 @@
 """Build small Qwen2-architecture models and a character-level tokenizer locally, with no download.
 
-``build_demo_model`` writes a Hugging Face model directory (config.json, generation_config.json,
-model.safetensors, tokenizer files) that both transformers and our loader read. The weights are
-randomly initialised here; the demo-task training that gives them skills builds on this.
+``build_random_model`` writes a Hugging Face model directory (config.json, generation_config.json,
+model.safetensors, tokenizer files) that both transformers and our loader read, with random
+weights (benchmarks and tests use it). ``ensure_demo_model`` builds the demo policy: the ``demo``
+preset supervised-trained on the demo reasoning task (:mod:`tlt.data.demo_task`, training in
+:mod:`tlt.models.demo_training`), with ``training_summary.json`` beside the weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,9 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # The demo policy: small enough to RL-train on 2 CPU cores.
-    "demo": ModelPreset(256, 4, 4, 2, 768, None, 2048),
+    # The demo policy: small enough to train (~9 min) and RL-train on 2 CPU cores, deep enough that
+    # it costs several times a one-layer drafter.
+    "demo": ModelPreset(256, 6, 4, 2, 768, None, 2048),
     # Benchmark sizes (vocabulary as in real tokenizers so the LM head costs what it does in practice).
     "5m": ModelPreset(256, 4, 4, 2, 688, 8192, 2048),
     "25m": ModelPreset(512, 6, 8, 4, 1376, 16000, 2048),
@@ -134,19 +137,23 @@ def default_demo_dir() -> Path:
     return tlt_home() / "models" / "demo"
 
 
-def ensure_demo_model(out_dir: str | Path | None = None) -> Path:
-    """Build the demo model once and reuse it (a finished build has ``.complete``)."""
+def ensure_demo_model(out_dir: str | Path | None = None, *, steps: int | None = None, seed: int = 0,
+                      eval_problems: int | None = None, progress: bool = True) -> Path:
+    """Build the trained demo model once and reuse it (a finished build has ``.complete``).
+
+    A build trains for ``steps`` (default ``$TLT_DEMO_TRAIN_STEPS``, else about 9 minutes on 2 CPU
+    cores) and evaluates on ``eval_problems`` held-out problems (default ``$TLT_DEMO_EVAL_PROBLEMS``,
+    else 200); see :func:`tlt.models.demo_training.build_trained_demo_model`. An existing finished
+    build is returned as is, whatever these arguments say.
+    """
+    from tlt.fsutil import build_once
+    from tlt.models.demo_training import build_trained_demo_model
+
     out = Path(out_dir) if out_dir else default_demo_dir()
-    if (out / ".complete").exists():
-        return out
-    # Build beside the target and rename, so an interrupted build never looks finished.
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_random_model(tmp, "demo")
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    if progress and not (out / ".complete").exists():
+        print(f"building the demo model in {out} (supervised training on the demo task)", file=sys.stderr)
+    return build_once(out, lambda tmp: build_trained_demo_model(tmp, steps=steps, seed=seed,
+                                                                eval_problems=eval_problems, progress=progress))
 
 
 def _round_up(n: int, multiple: int) -> int:

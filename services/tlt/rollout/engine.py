@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tlt.errors import InvalidRequestError
+from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
 from tlt.rollout.sampling import SamplingParams, sample_tokens
+from tlt.rollout.speculative import SpecDecodeStats, SpecState, SpeculativeDecoder
+from tlt.rollout.tuner import BegMabTuner, TunerConfig
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -59,10 +62,15 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
     cache_len: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
+    spec: SpecState | None = None
 
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.token_ids
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt_ids, self.token_ids, self.logprobs, self.finish_reason or "")
@@ -78,7 +86,9 @@ class RolloutEngine:
             capped at 4096).
         max_prefill_tokens: token budget of one prefill batch (at least one request is always admitted).
         seed: seeds the generator of requests that bring no seed of their own.
-        cache_headroom: extra cache positions past ``max_seq_len`` for speculative blocks.
+        drafter: an EAGLE-3 drafter for speculative decoding (None: plain decoding only).
+        tuner: decides per step whether to speculate and with which strategy (default: BEG-MAB
+            with default settings when a drafter is given).
     """
 
     def __init__(
@@ -90,10 +100,18 @@ class RolloutEngine:
         max_prefill_tokens: int = 8192,
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
-        cache_headroom: int = 0,
+        drafter: Eagle3Drafter | None = None,
+        tuner: BegMabTuner | None = None,
     ) -> None:
         if max_running < 1:
             raise InvalidRequestError(f"engine.max_running must be >= 1, got {max_running}")
+        if drafter is not None and tuner is None:
+            tuner = BegMabTuner(TunerConfig())
+        self.tuner = tuner if drafter is not None else None
+        # Room past the longest sequence for a verification tree / the drafter's scratch nodes.
+        strategies = self.tuner.config.strategies if self.tuner else []
+        cache_headroom = max((st.num_verify + st.depth for st in strategies), default=0)
+        draft_headroom = max((st.depth * st.topk for st in strategies), default=0)
         context = model.rope_cos.shape[0]
         self.max_seq_len = min(max_seq_len or min(context, 4096), context - cache_headroom)
         if self.max_seq_len < 2:
@@ -103,6 +121,11 @@ class RolloutEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = model.new_cache(max_running, self.max_seq_len + cache_headroom)
+        self.spec = None
+        if drafter is not None:
+            self.spec = SpeculativeDecoder(model, drafter, self.cache, max_running,
+                                           self.max_seq_len + cache_headroom + draft_headroom)
+        self.stats = self.spec.stats if self.spec else SpecDecodeStats()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -138,6 +161,7 @@ class RolloutEngine:
             params=params,
             generator=torch.Generator().manual_seed(seed),
             stop_ids=frozenset(stop),
+            spec=SpecState() if self.spec else None,
         )
         with self._lock:
             self._queue.append(seq)
@@ -171,8 +195,24 @@ class RolloutEngine:
         admitted = self._admit()
         new_tokens = 0
         if decoding:
-            self._decode(decoding)
-            new_tokens += len(decoding)
+            strategy = self.tuner.choose(len(decoding)) if self.tuner else None
+            start = time.perf_counter()
+            if strategy is None:
+                self._decode(decoding)
+                new_tokens += len(decoding)
+                seconds = time.perf_counter() - start
+                self.stats.plain_seconds += seconds
+                self.stats.plain_iterations += 1
+                if self.tuner:
+                    self.tuner.record_plain(len(decoding), len(decoding), seconds)
+            else:
+                emitted, catch_up_s, switch_over = self._speculate(decoding, strategy)
+                new_tokens += emitted
+                seconds = time.perf_counter() - start
+                self.stats.sd_seconds += seconds
+                self.stats.sd_iterations += 1
+                # A switch-over's one-time drafter prefill is not a property of the strategy.
+                self.tuner.record(len(decoding), strategy, emitted, seconds - catch_up_s if switch_over else seconds)
         if admitted:
             self._prefill(admitted, slot_offset=len(decoding))
             new_tokens += len(admitted)
@@ -224,7 +264,10 @@ class RolloutEngine:
             slot_offset=slot_offset,
             cache_lens=torch.zeros(len(seqs), dtype=torch.long, device=self.model.device),
             last_index=torch.tensor(lengths, device=self.model.device) - 1,
+            hidden_layers=self.spec.aux_layers if self.spec else (),
         )
+        if self.spec:
+            self.spec.capture([s.spec for s in seqs], out.hidden, lengths)
         for s, n in zip(seqs, lengths):
             s.cache_len = n
         self._append_samples(seqs, out.logits)
@@ -233,10 +276,26 @@ class RolloutEngine:
         device = self.model.device
         ids = torch.tensor([[s.last_token] for s in seqs], device=device)
         cache_lens = torch.tensor([s.cache_len for s in seqs], device=device)
-        out = self.model(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens)
+        out = self.model(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens,
+                         hidden_layers=self.spec.aux_layers if self.spec else ())
+        if self.spec:
+            self.spec.capture([s.spec for s in seqs], out.hidden, [1] * len(seqs))
         for s in seqs:
             s.cache_len += 1
         self._append_samples(seqs, out.logits[:, -1])
+
+    def _speculate(self, seqs: list[_Sequence], strategy) -> tuple[int, float, bool]:
+        """One speculative iteration; returns (tokens emitted, catch-up seconds, was a switch-over)."""
+        states = [s.spec for s in seqs]
+        switch_over = any(s.cache_len - st.drafter_len > strategy.depth + 1 for s, st in zip(seqs, states))
+        results, catch_up_s = self.spec.step(seqs, states, strategy)
+        emitted = 0
+        for s, res in zip(seqs, results):
+            for tok, lp in zip(res.tokens, res.logprobs):
+                emitted += 1
+                if self.append_token(s, tok, lp):
+                    break
+        return emitted, catch_up_s, switch_over
 
     def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         tokens, logprobs = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -249,7 +308,8 @@ class RolloutEngine:
         seq.logprobs.append(logprob)
         if token in seq.stop_ids:
             seq.finish_reason = FINISH_STOP
-        elif len(seq.token_ids) >= seq.params.max_new_tokens or seq.cache_len + 1 >= self.max_seq_len:
+        elif (len(seq.token_ids) >= seq.params.max_new_tokens
+              or len(seq.prompt_ids) + len(seq.token_ids) >= self.max_seq_len):
             seq.finish_reason = FINISH_LENGTH
         return seq.finish_reason is not None
 
@@ -266,6 +326,8 @@ class RolloutEngine:
                 last = self._running.pop()
                 if last is not seq:
                     self.cache.move_slot(len(self._running), slot, last.cache_len)
+                    if self.spec:
+                        self.spec.drafter_cache.move_slot(len(self._running), slot, last.spec.drafter_len)
                     self._running[slot] = last
             self._finished_count += len(finished)
             self._generated += new_tokens

@@ -1,0 +1,104 @@
+"""Rollout wall time on a long-tailed workload: no SD vs SD always on vs adaptive SD (one run).
+
+The workload is a batch of demo-task prompts (chain-of-thought lengths are heavy-tailed) sampled at
+temperature 1 with the trained demo model and its warmed-up EAGLE-3 drafter (both built once and
+cached under $TLT_HOME). All arms use the same prompts and per-request seeds; because speculative
+acceptance consumes the request's random stream exactly like plain sampling, the arms generate the
+same tokens (reported), so wall times compare equal work.
+
+    python benchmarks/speculative.py            # 64 prompts, up to 768 new tokens
+    python benchmarks/speculative.py --quick    # 24 prompts, up to 384 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prompts", type=int, default=None, help="number of prompts (= max batch)")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--strategy", default="4_2_8", help="fixed strategy of the SD-always arm")
+    ap.add_argument("--threshold", type=int, default=32, help="adaptive arm: SD off above this batch size")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--model", help="target model dir (default: the demo model, built once)")
+    ap.add_argument("--drafter", help="EAGLE-3 drafter dir (default: the demo drafter, warmed up once)")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from transformers import AutoTokenizer
+
+    from tlt.data.demo_task import generate_problems
+    from tlt.drafter.warmup import ensure_demo_drafter
+    from tlt.models import load_model
+    from tlt.models.demo import ensure_demo_model
+    from tlt.models.drafter_io import load_drafter
+    from tlt.rollout.engine import RolloutEngine
+    from tlt.rollout.sampling import SamplingParams
+    from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
+
+    n_prompts = args.prompts or (24 if args.quick else 64)
+    max_new = args.max_new_tokens or (384 if args.quick else 768)
+    model_dir = args.model or ensure_demo_model()
+    drafter_dir = args.drafter or ensure_demo_drafter(model_dir)
+    target = load_model(model_dir, dtype=args.dtype)
+    drafter = load_drafter(drafter_dir, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    problems = generate_problems(n_prompts, args.seed)  # not the drafter's warm-up prompts (other seed)
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    params = [SamplingParams(temperature=args.temperature, max_new_tokens=max_new, seed=args.seed + i)
+              for i in range(n_prompts)]
+
+    arms = {
+        "no SD": lambda: RolloutEngine(target, max_running=n_prompts),
+        f"SD always ({args.strategy})": lambda: RolloutEngine(
+            target, max_running=n_prompts, drafter=drafter,
+            tuner=BegMabTuner(TunerConfig(sd_batch_threshold=10**6, strategies=[SpecStrategy.parse(args.strategy)],
+                                          allow_sd_off_arm=False))),
+        "adaptive SD": lambda: RolloutEngine(
+            target, max_running=n_prompts, drafter=drafter,
+            tuner=BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))),
+    }
+    RolloutEngine(target, max_running=4).generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up
+    print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} threads={torch.get_num_threads()}")
+    print(f"prompts={n_prompts} (all admitted at once) temperature={args.temperature} max_new_tokens={max_new}")
+    results = {}
+    reference = None
+    for name, make in arms.items():
+        engine = make()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        wall = time.perf_counter() - start
+        tokens = [o.token_ids for o in outs]
+        reference = reference or tokens
+        same = sum(a == b for a, b in zip(tokens, reference)) / n_prompts
+        results[name] = (wall, engine.stats, tokens, same)
+    lengths = sorted(len(t) for t in reference)
+    print(f"response lengths: median {statistics.median(lengths):.0f}, p90 {lengths[int(0.9 * len(lengths))]}, "
+          f"max {lengths[-1]}, total {sum(lengths)}")
+    base = results["no SD"][0]
+    print(f"{'arm':<22} | {'wall s':>7} | {'speedup':>7} | {'tok/s':>7} | {'accept len':>10} | {'SD time':>7} | "
+          "same tokens as no SD")
+    for name, (wall, stats, tokens, same) in results.items():
+        total = sum(len(t) for t in tokens)
+        sd_share = stats.sd_seconds / max(stats.sd_seconds + stats.plain_seconds, 1e-9)
+        print(f"{name:<22} | {wall:>7.2f} | {base / wall:>7.2f} | {total / wall:>7.1f} | "
+              f"{stats.acceptance_length:>10.2f} | {sd_share:>6.0%} | {same:.0%}")
+    always, adaptive = list(results.values())[1:]
+    print(f"RESULT speedup_always={base / always[0]:.2f} speedup_adaptive={base / adaptive[0]:.2f} "
+          f"accept_len_always={always[1].acceptance_length:.2f} "
+          f"accept_len_adaptive={adaptive[1].acceptance_length:.2f}")
+
+
+if __name__ == "__main__":
+    main()

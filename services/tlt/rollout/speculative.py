@@ -1,0 +1,335 @@
+"""Tree speculative decoding with an EAGLE-3 drafter and lossless verification.
+
+One iteration for a batch of running sequences:
+
+1. **Catch up** the drafter: feed it every ``(target feature, next token)`` pair it has not seen yet
+   (features of tokens decoded without speculation accumulate lazily, so switching SD on costs one
+   drafter prefill, not a target re-prefill). Its output at the last token is the tree root's state.
+2. **Draft a tree** (EAGLE-2 style dynamic tree): ``depth`` drafter steps; each step expands the
+   ``topk`` best frontier nodes by ``topk`` children, scored by cumulative draft log-probability.
+   The ``num_verify - 1`` best nodes (ancestor-closed) plus the root form the verification tree.
+3. **Verify** the whole tree in one target forward with a tree attention mask.
+4. **Accept** from the root down by recursive rejection sampling of the node's children, which are
+   deterministic draft proposals (point masses), against the target distribution ``p`` (after
+   temperature / top-k / top-p); see :func:`accept_sampled`. Every emitted token follows ``p``
+   exactly (lossless), and seeded outputs equal those of plain sampling. For greedy rows it reduces
+   to "descend while a child equals the argmax".
+5. **Commit**: the accepted path's K/V entries are moved to consecutive cache positions; the rest of
+   the tree's entries are simply left beyond the sequence length and overwritten later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tlt.models.drafter import Eagle3Drafter
+from tlt.models.kv_cache import StaticKVCache
+from tlt.models.transformer import CausalLM, _attention_mask
+from tlt.rollout.sampling import SamplingParams, processed_probs, sample_from_probs
+from tlt.rollout.tuner import SpecStrategy
+
+
+@dataclass
+class SpecDecodeStats:
+    """Counters in vLLM's spec-decode vocabulary (drafts = verification passes, per sequence)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    sd_seconds: float = 0.0
+    plain_seconds: float = 0.0
+    sd_iterations: int = 0
+    plain_iterations: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens emitted per verification (accepted drafts + the bonus token)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def record_accepts(self, accepted: int) -> None:
+        while len(self.accepted_per_position) < accepted:
+            self.accepted_per_position.append(0)
+        for pos in range(accepted):
+            self.accepted_per_position[pos] += 1
+
+    def as_dict(self) -> dict[str, float | int | list[int]]:
+        return {
+            "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens, "acceptance_length": self.acceptance_length,
+            "accepted_per_position": list(self.accepted_per_position), "sd_seconds": self.sd_seconds,
+            "plain_seconds": self.plain_seconds, "sd_iterations": self.sd_iterations,
+            "plain_iterations": self.plain_iterations,
+        }
+
+
+@dataclass
+class DraftTree:
+    """A verification tree per row; node 0 is the root (the last generated, not yet cached token)."""
+
+    tokens: torch.Tensor  # [B, N] target token ids
+    parents: list[list[int]]  # per row, parent tree index of each node (-1 for the root)
+    depth: torch.Tensor  # [B, N]
+    mask: torch.Tensor  # [B, N, N] ancestor-or-self
+
+
+@dataclass
+class RowResult:
+    """What one sequence gets from an iteration: emitted tokens, their log-probs, accepted drafts."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    accepted: int
+
+
+class SpecState:
+    """Per-sequence drafter bookkeeping kept by the engine.
+
+    ``pending`` holds target features (concatenated aux hidden states) for target positions
+    ``drafter_len .. cache_len-1`` that the drafter has not consumed yet.
+    """
+
+    __slots__ = ("drafter_len", "pending")
+
+    def __init__(self) -> None:
+        self.drafter_len = 0
+        self.pending: list[torch.Tensor] = []
+
+
+def accept_sampled(probs_at: Callable[[int], torch.Tensor], children: list[list[int]], tree_tokens: list[int],
+                   generator: torch.Generator) -> tuple[list[int], int]:
+    """Recursive rejection sampling down a tree of point-mass proposals; returns (path, bonus token).
+
+    At a node with target distribution ``p`` and children ``c_1..c_m`` (deterministic proposals),
+    rejection sampling accepts ``c_1`` with probability ``p(c_1)``, else ``c_2`` with probability
+    ``p(c_2) / (1 - p(c_1))``, ..., else draws the bonus token from the residual ``p`` without the
+    children. We realise that chain with one uniform ``u`` by inverse-CDF coupling: ``x = F_p^{-1}(u)``;
+    accept the child equal to ``x`` if there is one, otherwise ``x`` *is* the residual draw (given
+    that it is no child, ``x`` follows ``p`` restricted to the non-children). The law is the same, and
+    every emitted token consumes exactly one uniform from the request's generator, in order, as plain
+    sampling does: seeded outputs are identical with and without speculation.
+    """
+    node, path = 0, [0]
+    while True:
+        probs = probs_at(node)
+        u = torch.rand((), generator=generator)
+        x = int(sample_from_probs(probs[None], u[None])[0])
+        child = next((c for c in children[node] if tree_tokens[c] == x), None)
+        if child is None:
+            return path, residual_token(probs, [tree_tokens[c] for c in children[node]], x, generator)
+        node = child
+        path.append(node)
+
+
+def residual_token(probs: torch.Tensor, rejected: list[int], drawn: int, generator: torch.Generator) -> int:
+    """The bonus token after every child was rejected.
+
+    ``drawn`` was drawn from ``probs`` and is none of ``rejected``, so it already follows the residual
+    distribution ``max(p - sum of rejected point masses, 0)`` normalised; it is returned as is.
+    (Drawing afresh from ``probs`` here is the classic bug that biases towards drafted tokens.)
+    """
+    return drawn
+
+
+def accept_greedy(argmax: list[int], children: list[list[int]], tree_tokens: list[int]) -> tuple[list[int], int]:
+    """Descend while a child carries the target's argmax; returns (path incl. root, bonus token)."""
+    node, path = 0, [0]
+    while True:
+        nxt = next((c for c in children[node] if tree_tokens[c] == argmax[node]), None)
+        if nxt is None:
+            return path, argmax[node]
+        node = nxt
+        path.append(node)
+
+
+class SpeculativeDecoder:
+    """Drafts, verifies and commits speculative tokens for the engine's running sequences."""
+
+    def __init__(self, target: CausalLM, drafter: Eagle3Drafter, target_cache: StaticKVCache,
+                 num_slots: int, max_len: int) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.target_cache = target_cache
+        self.drafter_cache = drafter.new_cache(num_slots, max_len)
+        self.aux_layers = drafter.config.aux_layer_ids
+        self.stats = SpecDecodeStats()
+
+    # ---- feature capture --------------------------------------------------------------------
+
+    def capture(self, states: list[SpecState], hidden: dict[int, torch.Tensor], lengths: list[int]) -> None:
+        """Store target features of a forward for later drafter catch-up ([B, T, H] per aux layer)."""
+        feats = torch.cat([hidden[j] for j in self.aux_layers], dim=-1)
+        for row, (state, n) in enumerate(zip(states, lengths)):
+            state.pending.append(feats[row, :n])
+
+    # ---- one speculative iteration ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, seqs: list, states: list[SpecState], strategy: SpecStrategy) -> tuple[list[RowResult], float]:
+        """Run catch-up, drafting, verification and commit for rows in slots ``0..len(seqs)-1``.
+
+        ``seqs`` expose ``all_tokens``, ``cache_len``, ``params`` and ``generator``; their
+        ``cache_len`` is advanced here. Returns the per-row results and the catch-up seconds.
+        """
+        start = time.perf_counter()
+        h_root, logits_root = self._catch_up(seqs, states)
+        catch_up_s = time.perf_counter() - start
+        tree = self._draft(seqs, h_root, logits_root, strategy)
+        cache_lens = torch.tensor([s.cache_len for s in seqs], device=self.target.device)
+        out = self.target(
+            tree.tokens, cache_lens[:, None] + tree.depth, cache=self.target_cache, cache_lens=cache_lens,
+            block_mask=tree.mask, hidden_layers=self.aux_layers,
+        )
+        feats = torch.cat([out.hidden[j] for j in self.aux_layers], dim=-1)
+        results = self._accept(seqs, tree, out.logits)
+        self._commit(seqs, states, results, tree, feats)
+        n_draft = tree.tokens.shape[1] - 1
+        for r, _ in results:
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += n_draft
+            self.stats.num_accepted_tokens += r.accepted
+            self.stats.record_accepts(r.accepted)
+        return [r for r, _ in results], catch_up_s
+
+    def _catch_up(self, seqs: list, states: list[SpecState]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.target.device
+        counts = [len(s.all_tokens) - 1 - st.drafter_len for s, st in zip(seqs, states)]
+        width = max(counts)
+        b = len(seqs)
+        feats = torch.zeros(b, width, len(self.aux_layers) * self.drafter.config.target_hidden_size,
+                            dtype=self.drafter.fc.dtype, device=device)
+        tokens = torch.zeros(b, width, dtype=torch.long, device=device)
+        for row, (s, st, n) in enumerate(zip(seqs, states, counts)):
+            feats[row, :n] = torch.cat(st.pending)[-n:]
+            tokens[row, :n] = torch.tensor(s.all_tokens[st.drafter_len + 1:], device=device)
+        starts = torch.tensor([st.drafter_len for st in states], device=device)
+        cols = starts[:, None] + torch.arange(width, device=device)[None, :]
+        key_len = int(starts.max()) + width
+        mask = _attention_mask(starts, width, key_len, None)
+        out = self.drafter.forward_cached(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                          key_len, mask)
+        last = torch.tensor(counts, device=device) - 1
+        rows = torch.arange(b, device=device)
+        for st, n in zip(states, counts):
+            st.drafter_len += n
+            st.pending.clear()
+        return out.hidden[rows, last], out.logits[rows, last]
+
+    def _draft(self, seqs: list, h_root: torch.Tensor, logits_root: torch.Tensor, strategy: SpecStrategy
+               ) -> DraftTree:
+        device = self.target.device
+        b, k, depth = len(seqs), strategy.topk, strategy.depth
+        base = torch.tensor([s.cache_len for s in seqs], device=device)  # == drafter_len after catch-up
+        scratch = max(depth - 1, 0) * k
+        root_tokens = torch.tensor([s.all_tokens[-1] for s in seqs], device=device)
+
+        logp = torch.log_softmax(logits_root.float(), dim=-1)
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        node_tokens = [self.drafter.to_target_ids(top_ids)]
+        node_scores = [top_lp]
+        node_parents = [torch.zeros(b, k, dtype=torch.long, device=device)]
+        front_ids = torch.arange(1, k + 1, device=device)[None, :].expand(b, k)
+        front_tokens, front_scores = node_tokens[0], top_lp
+        front_hidden = h_root[:, None, :].expand(b, k, -1)
+        front_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=device)
+        next_id = k + 1
+        for step in range(1, depth):
+            own_cols = (step - 1) * k + torch.arange(k, device=device)
+            own = torch.nn.functional.one_hot(own_cols, max(scratch, 1)).bool()[None].expand(b, -1, -1)
+            visible = front_anc | own
+            key_len = int(base.max()) + scratch
+            rel = torch.arange(key_len, device=device)[None, :] - base[:, None]  # [B, key_len]
+            in_scratch = (rel >= 0) & (rel < scratch)
+            gathered = visible.gather(2, rel.clamp(0, max(scratch - 1, 0))[:, None, :].expand(-1, k, -1))
+            mask = ((rel < 0)[:, None, :] | (gathered & in_scratch[:, None, :])).unsqueeze(1)
+            positions = (base + step - 1)[:, None].expand(b, k)
+            out = self.drafter.forward_cached(front_tokens, front_hidden, positions, self.drafter_cache, 0,
+                                              base[:, None] + own_cols[None, :], key_len, mask)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, Vd]
+            child_lp, child_ids = logp.topk(k, dim=-1)
+            child_scores = (front_scores[:, :, None] + child_lp).reshape(b, k * k)
+            child_tokens = self.drafter.to_target_ids(child_ids).reshape(b, k * k)
+            child_parent_slot = torch.arange(k, device=device).repeat_interleave(k)[None].expand(b, -1)
+            node_tokens.append(child_tokens)
+            node_scores.append(child_scores)
+            node_parents.append(front_ids.gather(1, child_parent_slot))
+            best_scores, best = child_scores.topk(k, dim=-1)
+            parent_slot = best // k
+            front_ids = next_id + best
+            front_tokens = child_tokens.gather(1, best)
+            front_scores = best_scores
+            front_hidden = out.hidden.gather(1, parent_slot[:, :, None].expand(-1, -1, out.hidden.shape[-1]))
+            parent_own = own.gather(1, parent_slot[:, :, None].expand(-1, -1, own.shape[-1]))
+            front_anc = front_anc.gather(1, parent_slot[:, :, None].expand(-1, -1, front_anc.shape[-1])) | parent_own
+            next_id += k * k
+        return self._select(root_tokens, torch.cat(node_tokens, 1), torch.cat(node_scores, 1),
+                            torch.cat(node_parents, 1), strategy.num_verify)
+
+    @staticmethod
+    def _select(root_tokens: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, parents: torch.Tensor,
+                num_verify: int) -> DraftTree:
+        """Keep the ``num_verify-1`` best nodes (ancestor-closed) in creation order, plus the root."""
+        b, m = tokens.shape
+        device = tokens.device
+        order = torch.sort(-scores, dim=1, stable=True).indices[:, : num_verify - 1]
+        chosen = order.sort(dim=1).values  # creation order: parents before children
+        node_ids = chosen + 1  # node ids are 1-based (0 = root)
+        inverse = torch.full((b, m + 1), -1, dtype=torch.long, device=device)
+        inverse[:, 0] = 0
+        inverse.scatter_(1, node_ids, torch.arange(1, num_verify, device=device)[None].expand(b, -1))
+        parent_pos = inverse.gather(1, parents.gather(1, chosen))
+        if (parent_pos < 0).any():
+            raise RuntimeError("draft tree selection is not ancestor-closed")
+        n = num_verify
+        tree_tokens = torch.cat([root_tokens[:, None], tokens.gather(1, chosen)], dim=1)
+        depth = torch.zeros(b, n, dtype=torch.long, device=device)
+        mask = torch.zeros(b, n, n, dtype=torch.bool, device=device)
+        mask[:, 0, 0] = True
+        rows = torch.arange(b, device=device)
+        for i in range(1, n):
+            p = parent_pos[:, i - 1]
+            depth[:, i] = depth[rows, p] + 1
+            mask[:, i] = mask[rows, p]
+            mask[:, i, i] = True
+        parents_list = [[-1, *row] for row in parent_pos.tolist()]
+        return DraftTree(tree_tokens, parents_list, depth, mask)
+
+    def _accept(self, seqs: list, tree: DraftTree, logits: torch.Tensor) -> list[tuple[RowResult, list[int]]]:
+        argmax = logits.float().argmax(-1).tolist()
+        tree_tokens = tree.tokens.tolist()
+        results = []
+        for row, s in enumerate(seqs):
+            n = len(tree.parents[row])
+            children: list[list[int]] = [[] for _ in range(n)]
+            for i, p in enumerate(tree.parents[row][1:], start=1):
+                children[p].append(i)
+            params: SamplingParams = s.params
+            if params.greedy:
+                path, bonus = accept_greedy(argmax[row], children, tree_tokens[row])
+            else:
+                row_logits = logits[row]
+                path, bonus = accept_sampled(
+                    lambda node, rl=row_logits, p=params: processed_probs(rl[node][None], [p])[0],
+                    children, tree_tokens[row], s.generator,
+                )
+            emitted = [tree_tokens[row][i] for i in path[1:]] + [bonus]
+            temp = params.temperature or 1.0
+            lp = torch.log_softmax(logits[row, path].float() / temp, dim=-1)
+            logprobs = lp.gather(-1, torch.tensor(emitted, device=lp.device)[:, None]).squeeze(-1).tolist()
+            results.append((RowResult(emitted, logprobs, len(path) - 1), path))
+        return results
+
+    def _commit(self, seqs: list, states: list[SpecState], results: list[tuple[RowResult, list[int]]],
+                tree: DraftTree, feats: torch.Tensor) -> None:
+        device = self.target.device
+        for row, (s, st, (_, path)) in enumerate(zip(seqs, states, results)):
+            if len(path) > 1:
+                src = torch.tensor(path[1:], device=device) + s.cache_len
+                dst = torch.arange(1, len(path), device=device) + s.cache_len
+                self.target_cache.copy_positions(row, src, dst)
+            st.pending.append(feats[row, path])
+            s.cache_len += len(path)

@@ -1,0 +1,204 @@
+"""Speculative decoding is lossless: greedy outputs are identical, sampled outputs keep the distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tlt.rollout.speculative as speculative
+from tlt.drafter.warmup import DrafterTrainConfig, Example, new_drafter, train_drafter
+from tlt.models import load_model
+from tlt.models.drafter_io import load_drafter, save_drafter
+from tlt.rollout.engine import RolloutEngine
+from tlt.rollout.sampling import SamplingParams, sample_from_probs
+from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
+
+STRATEGIES = ["1_1_2", "3_1_4", "3_2_6", "4_3_10"]
+
+
+def fixed_tuner(name: str) -> BegMabTuner:
+    """Speculate at every batch size with exactly one strategy."""
+    return BegMabTuner(TunerConfig(sd_batch_threshold=1024, strategies=[SpecStrategy.parse(name)], epsilon=0.0,
+                                   allow_sd_off_arm=False))
+
+
+def _prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def target(peaky_model_dir):
+    return load_model(peaky_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+    """A drafter briefly trained on the target's own greedy continuations, so drafts get accepted."""
+    prompts = _prompts(target.config.vocab_size, 48, seed=11)
+    outs = RolloutEngine(target).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40,
+                                                                  ignore_eos=True))
+    examples = [Example(p, o.token_ids) for p, o in zip(prompts, outs)]
+    d = new_drafter(target, seed=0)
+    train_drafter(target, d, examples, DrafterTrainConfig(steps=80, batch_size=12, lr=3e-3, warmup_steps=5))
+    return d
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_greedy_speculative_equals_plain_greedy(target, drafter, strategy):
+    prompts = _prompts(target.config.vocab_size, 10, seed=3)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=20 + 3 * i, ignore_eos=True) for i in range(10)]
+    plain = RolloutEngine(target, max_running=4).generate(prompts, params)
+    engine = RolloutEngine(target, max_running=4, drafter=drafter, tuner=fixed_tuner(strategy))
+    spec = engine.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    for a, b in zip(spec, plain):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert engine.stats.sd_iterations > 0 and engine.stats.num_accepted_tokens > 0
+    assert engine.stats.acceptance_length > 1.0
+
+
+@pytest.mark.parametrize("strategy", ["3_1_4", "4_3_10"])
+def test_seeded_sampling_is_identical_with_and_without_speculation(target, drafter, strategy):
+    prompts = _prompts(target.config.vocab_size, 8, seed=4)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_new_tokens=24, seed=50 + i,
+                             ignore_eos=True) for i in range(8)]
+    plain = RolloutEngine(target, max_running=4).generate(prompts, params)
+    engine = RolloutEngine(target, max_running=4, drafter=drafter, tuner=fixed_tuner(strategy))
+    spec = engine.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert engine.stats.num_accepted_tokens > 0
+
+
+def test_adaptive_switches_on_in_the_tail_and_stays_lossless(target, drafter):
+    """Threshold 2: a batch of 6 decodes plainly, the last two long requests speculate."""
+    prompts = _prompts(target.config.vocab_size, 6, seed=8)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in (4, 6, 8, 10, 40, 48)]
+    plain = RolloutEngine(target, max_running=6).generate(prompts, params)
+    tuner = BegMabTuner(TunerConfig(sd_batch_threshold=2, strategies=["3_1_4", "3_2_6"], epsilon=0.0))
+    engine = RolloutEngine(target, max_running=6, drafter=drafter, tuner=tuner)
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert engine.stats.plain_iterations > 0 and engine.stats.sd_iterations > 0
+    for bucket, info in tuner.summary().items():  # only tail buckets ever speculated
+        if int(bucket) > 2:
+            assert set(info["pulls"]) <= {"off"}
+    state = tuner.export_state()
+    warm = BegMabTuner.from_state(tuner.config, state)
+    assert warm.export_state() == state
+
+
+def test_greedy_with_stop_tokens_and_length_limits(target, drafter):
+    prompts = _prompts(target.config.vocab_size, 6, seed=5)
+    plain_free = RolloutEngine(target).generate(prompts, SamplingParams(temperature=0, max_new_tokens=30,
+                                                                        ignore_eos=True))
+    stop = plain_free[0].token_ids[7]
+    params = SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=(stop,), ignore_eos=True)
+    plain = RolloutEngine(target, max_seq_len=28).generate(prompts, params)
+    spec = RolloutEngine(target, max_seq_len=28, drafter=drafter, tuner=fixed_tuner("4_3_10")).generate(prompts,
+                                                                                                       params)
+    assert [(o.token_ids, o.finish_reason) for o in spec] == [(o.token_ids, o.finish_reason) for o in plain]
+
+
+def _joint_counts(engine: RolloutEngine, prompt: list[int], draws: int, vocab: int) -> torch.Tensor:
+    params = [SamplingParams(temperature=1.0, max_new_tokens=2, ignore_eos=True, seed=s) for s in range(draws)]
+    outs = engine.generate([prompt] * draws, params)
+    counts = torch.zeros(vocab * vocab)
+    for o in outs:
+        counts[o.token_ids[0] * vocab + o.token_ids[1]] += 1
+    return counts
+
+
+def _exact_joint(target, prompt: list[int]) -> torch.Tensor:
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        seqs = torch.tensor([[*prompt, t] for t in range(vocab)])
+        p2 = torch.softmax(target(seqs).logits[:, -1].double(), -1)
+    return (p1[:, None] * p2).reshape(-1)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson statistic with cells of small expectation pooled; returns (statistic, degrees of freedom)."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+def chi_square_critical(dof: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (z=3.09: p = 0.001)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.fixture(scope="module")
+def small_vocab_setup(tmp_path_factory):
+    """A 12-token target and a drafter trained on its samples: drafts are plausible but imperfect."""
+    from tests.conftest import _save_random
+
+    path = _save_random(tmp_path_factory.mktemp("tiny-vocab"), "qwen2", 0.3, vocab_size=12,
+                        num_attention_heads=4, num_key_value_heads=2)
+    tgt = load_model(path, dtype="float32")
+    prompts = _prompts(12, 32, seed=21)
+    outs = RolloutEngine(tgt).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=1,
+                                                               ignore_eos=True))
+    d = new_drafter(tgt, seed=1)
+    train_drafter(tgt, d, [Example(p, o.token_ids) for p, o in zip(prompts, outs)],
+                  DrafterTrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5))
+    return tgt, d
+
+
+DRAWS = 2000
+PROMPT = [3, 7, 1, 5]
+
+
+def test_sampled_speculative_matches_target_distribution(small_vocab_setup):
+    tgt, d = small_vocab_setup
+    engine = RolloutEngine(tgt, max_running=64, drafter=d, tuner=fixed_tuner("3_2_6"))
+    counts = _joint_counts(engine, PROMPT, DRAWS, 12)
+    stat, dof = chi_square(counts, _exact_joint(tgt, PROMPT))
+    assert engine.stats.sd_iterations > 0 and engine.stats.num_accepted_tokens > 0
+    print(f"speculative: chi2={stat:.1f} dof={dof} critical={chi_square_critical(dof):.1f}")
+    assert stat < chi_square_critical(dof), f"chi2={stat:.1f} dof={dof}"
+
+
+def test_plain_sampling_passes_the_same_check(small_vocab_setup):
+    tgt, _ = small_vocab_setup
+    counts = _joint_counts(RolloutEngine(tgt, max_running=64), PROMPT, DRAWS, 12)
+    stat, dof = chi_square(counts, _exact_joint(tgt, PROMPT))
+    assert stat < chi_square_critical(dof)
+
+
+def _bonus_from_p(probs, rejected, drawn, generator):
+    """The classic bug: after rejecting every child, draw the bonus afresh from p, not the residual."""
+    return int(sample_from_probs(probs[None], torch.rand((), generator=generator)[None])[0])
+
+
+def test_broken_acceptance_rule_is_detected(small_vocab_setup, monkeypatch):
+    """Negative control: the same check catches a bonus token drawn from p instead of the residual."""
+    tgt, d = small_vocab_setup
+    monkeypatch.setattr(speculative, "residual_token", _bonus_from_p)
+    engine = RolloutEngine(tgt, max_running=64, drafter=d, tuner=fixed_tuner("3_2_6"))
+    counts = _joint_counts(engine, PROMPT, DRAWS, 12)
+    stat, dof = chi_square(counts, _exact_joint(tgt, PROMPT))
+    print(f"broken: chi2={stat:.1f} dof={dof} critical={chi_square_critical(dof):.1f}")
+    assert stat > chi_square_critical(dof), f"broken rule went unnoticed: chi2={stat:.1f} dof={dof}"
+
+
+def test_drafter_checkpoint_roundtrip(target, drafter, tmp_path):
+    path = save_drafter(drafter, tmp_path / "eagle3", dtype=torch.float32)
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == list(drafter.config.aux_layer_ids)
+    again = load_drafter(path, target)
+    for (name, a), (_, b) in zip(drafter.named_parameters(), again.named_parameters()):
+        torch.testing.assert_close(a.float(), b.float(), msg=name)
+    assert torch.equal(again.d2t, drafter.d2t) and torch.equal(again.t2d, drafter.t2d)
