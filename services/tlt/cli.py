@@ -9,11 +9,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlt.data.demo_task import format_prompt
 from tlt.drafter.warmup import DrafterTrainConfig
 from tlt.errors import ConfigError, TLTError
 
 # Demo-task problems (tlt.data.demo_task): left-to-right arithmetic, answered with a chain of thought.
-DEMO_PROMPTS = ("Q: 5+7=?\nA:", "Q: 3*4+5=?\nA:", "Q: 9-2*2+6-1=?\nA:")
+DEMO_PROMPTS = tuple(format_prompt(start, ops) for start, ops in
+                     ((5, ["+7"]), (3, ["*4", "+5"]), (9, ["-2", "*2", "+6", "-1"])))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
