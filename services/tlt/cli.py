@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlt.cli_run import add_report, add_run
 from tlt.data.demo_task import format_prompt
 from tlt.drafter.warmup import DrafterTrainConfig
 from tlt.errors import ConfigError, TLTError
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_build_demo(sub)
     _add_train_drafter(sub)
+    add_run(sub)
+    add_report(sub)
     return parser
 
 

@@ -93,28 +93,32 @@ def load_drafter(model_dir: str | Path, target: CausalLM) -> Eagle3Drafter:
     bad = [j for j in config.aux_layer_ids if j > target.config.num_hidden_layers]
     if bad:
         raise ModelLoadError(f"{model_dir}: aux layer ids {bad} exceed the target's {target.config.num_hidden_layers}")
-    tensors = read_safetensors(model_dir)
     drafter = Eagle3Drafter(config, target.embed, max_positions=target.rope_cos.shape[0])
-    params = dict(drafter.named_parameters())
-    expected = {**{hf: ours for ours, hf in _PLAIN.items()}, **{n: k for k, ns in _FUSED.items() for n in ns}}
-    reduced = config.draft_vocab_size != config.target_vocab_size
-    missing = [name for name in [*expected, *(["d2t"] if reduced else [])] if name not in tensors]
-    if missing:
-        raise ModelLoadError(f"{model_dir}: drafter checkpoint is missing tensors: {', '.join(missing)}")
-    with torch.no_grad():
-        for ours, hf in _PLAIN.items():
-            _copy(params[ours], tensors[hf], hf, model_dir)
-        for ours, names in _FUSED.items():
-            _copy(params[ours], torch.cat([tensors[n] for n in names]), "+".join(names), model_dir)
-        if reduced:
-            _copy(drafter.d2t, tensors["d2t"], "d2t", model_dir)
-            # vLLM ignores t2d; rebuild it from d2t so both always agree
-            drafter.t2d.zero_()
-            drafter.t2d[drafter.draft_to_target] = True
+    copy_drafter_tensors(drafter, read_safetensors(model_dir), str(model_dir))
     return drafter.to(device=target.device, dtype=target.dtype).eval()
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, model_dir: Path) -> None:
+def copy_drafter_tensors(drafter: Eagle3Drafter, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy EAGLE-3-named ``tensors`` into ``drafter`` in place (a reload keeps the module engines hold)."""
+    params = dict(drafter.named_parameters())
+    expected = {**{hf: ours for ours, hf in _PLAIN.items()}, **{n: k for k, ns in _FUSED.items() for n in ns}}
+    reduced = drafter.config.draft_vocab_size != drafter.config.target_vocab_size
+    missing = [name for name in [*expected, *(["d2t"] if reduced else [])] if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"{source}: drafter checkpoint is missing tensors: {', '.join(missing)}")
+    with torch.no_grad():
+        for ours, hf in _PLAIN.items():
+            _copy(params[ours], tensors[hf], hf, source)
+        for ours, names in _FUSED.items():
+            _copy(params[ours], torch.cat([tensors[n] for n in names]), "+".join(names), source)
+        if reduced:
+            _copy(drafter.d2t, tensors["d2t"], "d2t", source)
+            # vLLM ignores t2d; rebuild it from d2t so both always agree
+            drafter.t2d.zero_()
+            drafter.t2d[drafter.draft_to_target] = True
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, source: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
-        raise ModelLoadError(f"{model_dir}: tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(src.to(dst.dtype))

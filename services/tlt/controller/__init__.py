@@ -1,0 +1,1 @@
+"""The RL job controller: step loop, progress display and report."""

@@ -1,0 +1,132 @@
+"""Preemptible drafter training on an idle rollout worker (the worker's "drafter" role).
+
+The worker keeps the responses it finished in this step. When the planner gives it the drafter role,
+:meth:`SpotDrafterTrainer.train` starts from the newest published drafter, recomputes the target's
+hidden states by prefill with the policy the worker already holds (no hidden states cross the network),
+trains with the EAGLE-3 loss and pushes its weight delta every ``push_every`` steps and when stopped.
+``should_stop`` is checked before every step, so preemption waits for at most one optimizer step, and
+the work since the last push is pushed on the way out.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tlt.drafter.aggregator import trainable_state
+from tlt.drafter.trainer import eagle3_loss, target_batch
+from tlt.drafter.warmup import Example, collate
+from tlt.models.drafter import Eagle3Drafter
+from tlt.models.transformer import CausalLM
+
+PushFn = Callable[[dict[str, torch.Tensor], int], None]
+
+
+@dataclass
+class SpotReport:
+    """What one stint in the drafter role did."""
+
+    steps: int = 0
+    tokens: int = 0
+    pushes: int = 0
+    seconds: float = 0.0
+    last_loss: float | None = None
+    last_accuracy: list[float] | None = None
+    preempted: bool = False
+
+
+class SpotDrafterTrainer:
+    """One worker's drafter copy, its optimizer and its buffer of finished responses.
+
+    Args:
+        target: the worker's policy (used under no_grad for features and target logits).
+        drafter_template: a drafter of the right shape (e.g. the engine's); the trainer keeps an fp32 copy.
+        push: called with (delta by parameter name, target tokens trained on) to hand work to the aggregator.
+    """
+
+    def __init__(self, target: CausalLM, drafter_template: Eagle3Drafter, push: PushFn, *, lr: float,
+                 batch_size: int, push_every: int, ttt_steps: int = 4, max_len: int = 1024,
+                 buffer_responses: int = 512, seed: int = 0) -> None:
+        self.target = target
+        self.drafter = Eagle3Drafter(drafter_template.config, target.embed, max_positions=target.rope_cos.shape[0])
+        self.drafter.load_state_dict(drafter_template.state_dict())
+        self.drafter.float()
+        self.push = push
+        self.batch_size = batch_size
+        self.push_every = push_every
+        self.ttt_steps = ttt_steps
+        self.max_len = max_len
+        self.buffer: deque[Example] = deque(maxlen=buffer_responses)
+        self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self._rng = random.Random(seed)
+        self._anchor: dict[str, torch.Tensor] = {}
+        self._unpushed_tokens = 0
+
+    def add_response(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> None:
+        """Keep a finished response for training (the oldest fall out of the bounded buffer)."""
+        if response_ids:
+            self.buffer.append(Example(list(prompt_ids), list(response_ids)))
+
+    def clear_buffer(self) -> None:
+        self.buffer.clear()
+
+    def start_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load a published version's weights (by parameter name) as the new starting point."""
+        with torch.no_grad():
+            for name, param in self.drafter.named_parameters():
+                param.copy_(weights[name])
+        self._anchor = trainable_state(self.drafter)
+        self._unpushed_tokens = 0
+
+    def train(self, should_stop: Callable[[], bool], max_steps: int | None = None) -> SpotReport:
+        """Train until ``should_stop()`` (or ``max_steps``); push every ``push_every`` steps and at the end."""
+        report = SpotReport()
+        if len(self.buffer) == 0:
+            return report
+        if not self._anchor:
+            self._anchor = trainable_state(self.drafter)
+        start = time.perf_counter()
+        self.drafter.train()
+        try:
+            while not should_stop():
+                if max_steps is not None and report.steps >= max_steps:
+                    break
+                self._train_step(report)
+                if report.steps % self.push_every == 0:
+                    self._push(report)
+            report.preempted = max_steps is None or report.steps < max_steps
+        finally:
+            self._push(report)
+            self.drafter.eval()
+            report.seconds = time.perf_counter() - start
+        return report
+
+    def _train_step(self, report: SpotReport) -> None:
+        examples = self._rng.sample(list(self.buffer), min(self.batch_size, len(self.buffer)))
+        ids, mask = collate(examples, self.max_len)
+        batch = target_batch(self.target, ids, mask, self.drafter.config.aux_layer_ids)
+        loss = eagle3_loss(self.drafter, batch, steps=self.ttt_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+        self.optimizer.step()
+        report.steps += 1
+        report.tokens += loss.tokens
+        report.last_loss = float(loss.loss.detach())
+        report.last_accuracy = loss.step_accuracy
+        self._unpushed_tokens += loss.tokens
+
+    def _push(self, report: SpotReport) -> None:
+        if self._unpushed_tokens == 0:
+            return
+        current = trainable_state(self.drafter)
+        delta = {name: current[name] - self._anchor[name] for name in current}
+        self.push(delta, self._unpushed_tokens)
+        self._anchor = current
+        self._unpushed_tokens = 0
+        report.pushes += 1

@@ -1,0 +1,1 @@
+"""Policy training: GRPO losses (`grpo`) and the optimizer loop with checkpoints (`policy`)."""
