@@ -63,7 +63,7 @@ def test_cli_run_writes_log_and_report(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "step 1: reward" in out.stdout and "report:" in out.stdout
     report = (tmp_path / "cli" / "report" / "report.md").read_text()
-    assert "![Worker roles](roles.png)" in report
+    assert "### Worker roles" in report and "](roles.png)" in report
 
 
 @pytest.mark.parametrize(("arg", "needle"), [

@@ -1,15 +1,27 @@
-"""ArtifactStore: atomic versioned publish, verification, retention, refusal of pickles."""
+"""ArtifactStore: atomic versioned publish, verification, retention, refusal of pickles.
 
+Every store-generic test runs on the local filesystem (staging + rename) and on fsspec's in-memory
+filesystem (the object-store path: files first, manifest last).
+"""
+
+import hashlib
 import json
+import os
+import pickle
 import threading
+import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from safetensors.torch import save
 
+from tlt.errors import TLTError
 from tlt.store import (
     ArtifactStore,
+    FileEntry,
+    Manifest,
     StoreError,
     StoreIntegrityError,
     VersionExistsError,
@@ -22,107 +34,267 @@ WEIGHTS = save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)})
 @pytest.fixture(params=["file", "memory"])
 def store(request, tmp_path):
     if request.param == "file":
-        return ArtifactStore(f"file://{tmp_path}/store")
-    import uuid
+        yield ArtifactStore(f"file://{tmp_path}/store")
+        return
+    uri = f"memory://tlt-test-{uuid.uuid4().hex}"
+    s = ArtifactStore(uri)
+    yield s
+    if s.fs.exists(s.root):
+        s.fs.rm(s.root, recursive=True)
 
-    return ArtifactStore(f"memory://tlt-test-{uuid.uuid4().hex}")
+
+def _put(store: ArtifactStore, path: str, data: bytes) -> None:
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe_file(path, data)
+
+
+def _tamper(store: ArtifactStore, kind: str, version: int, name: str, data: bytes) -> None:
+    _put(store, f"{store._version_dir(kind, version)}/{name}", data)
 
 
 def test_publish_fetch_round_trip(store, tmp_path):
-    m = store.publish("policy", 1, {"model.safetensors": WEIGHTS, "config.json": b"{}"}, {"step": 1})
-    assert store.latest("policy").version == 1 and m.metadata == {"step": 1}
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_size": 3}')
+    m = store.publish("policy", 1, {"model.safetensors": WEIGHTS, "config.json": config,
+                                    "tok/vocab.json": b"[]"}, {"step": 1})
+    assert m.metadata == {"step": 1} and m.files["config.json"].size == config.stat().st_size
+    assert store.latest("policy") == m == store.manifest("policy", 1)
+    assert Manifest.from_json(m.to_json()) == m
     assert torch.equal(store.load_tensors("policy", 1)["w"], torch.arange(6.0).reshape(2, 3))
+    assert store.read_bytes("policy", 1, "config.json") == config.read_bytes()
     dest = store.fetch("policy", 1, tmp_path / "local" / "v1")
-    assert (dest / "model.safetensors").read_bytes() == WEIGHTS and (dest / "MANIFEST.json").is_file()
-    assert store.fetch("policy", 1, dest) == dest  # already there and verified
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS and (dest / "tok" / "vocab.json").read_bytes() == b"[]"
+    assert Manifest.from_json((dest / "MANIFEST.json").read_text()) == m
+    assert store.fetch("policy", 1, dest) == dest  # already there and verified: reused
+    (dest / "config.json").write_text("{}")  # a damaged local copy is replaced
+    assert store.fetch("policy", 1, dest) == dest and (dest / "config.json").read_bytes() == config.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["v1"]
+    with pytest.raises(StoreError, match=r"has no file 'nope\.json'"):
+        store.read_bytes("policy", 1, "nope.json")
 
 
 def test_latest_only_moves_forward_and_versions_are_complete_only(store):
+    assert store.latest("drafter") is None and store.versions("drafter") == []
     store.publish("drafter", 5, {"a.json": b"5"})
     store.publish("drafter", 3, {"a.json": b"3"})
     assert store.latest("drafter").version == 5
+    assert json.loads(store.fs.cat_file(f"{store.root}/drafter/LATEST")) == {"version": 5}
     assert store.versions("drafter") == [3, 5]
-    assert store.latest("nothing") is None
+    store.publish("drafter", 0, {"a.json": b"0"})
+    assert store.latest("drafter").version == 5 and store.versions("drafter") == [0, 3, 5]
+    assert store.versions("policy") == []  # kinds are independent
+    with pytest.raises(VersionNotFoundError, match=r"drafter v4 is not in .*\[0, 3, 5\]"):
+        store.manifest("drafter", 4)
 
 
 def test_identical_republish_is_idempotent_and_different_content_refused(store):
-    store.publish("policy", 2, {"a.json": b"x"})
-    assert store.publish("policy", 2, {"a.json": b"x"}).version == 2
-    with pytest.raises(VersionExistsError, match="policy v2 is already published"):
+    first = store.publish("policy", 2, {"a.json": b"x"}, {"try": 1})
+    assert store.publish("policy", 2, {"a.json": b"x"}, {"try": 2}) == first  # a retry returns the original
+    with pytest.raises(VersionExistsError, match=r"policy v2 is already published with different content"):
         store.publish("policy", 2, {"a.json": b"y"})
+    with pytest.raises(VersionExistsError):
+        store.publish("policy", 2, {"a.json": b"x", "b.json": b"x"})
+    assert store.read_bytes("policy", 2, "a.json") == b"x"
 
 
-@pytest.mark.parametrize("name", ["model.bin", "weights.pt", "state.pkl", "../escape.json", "/abs.json",
-                                  "MANIFEST.json"])
-def test_pickles_and_bad_names_refused(store, name):
-    with pytest.raises(StoreError) as info:
-        store.publish("policy", 1, {name: b"\x80\x04."})
-    assert name in str(info.value)
+@pytest.mark.parametrize("name", ["model.bin", "weights.pt", "state.pkl", "opt.pth", "model.ckpt"])
+def test_pickle_files_refused(store, name):
+    with pytest.raises(StoreError, match=r"safetensors only, no pickle") as info:
+        store.publish("policy", 1, {"config.json": b"{}", name: pickle.dumps({"w": 1})})
+    assert repr(name) in str(info.value) and isinstance(info.value, TLTError)
+    assert store.versions("policy") == [] and store.latest("policy") is None
+
+
+def test_pickle_renamed_to_safetensors_refused(store):
+    with pytest.raises(StoreError, match=r"'model\.safetensors' is not a valid safetensors file.*no pickle"):
+        store.publish("policy", 1, {"model.safetensors": pickle.dumps({"w": 1})})
     assert store.versions("policy") == []
 
 
-@pytest.mark.parametrize(("kind", "version"), [("Policy", 1), ("", 1), ("policy", -1), ("policy", True), ("a/b", 1)])
+@pytest.mark.parametrize("name", ["../escape.json", "a/../../b.json", "/abs.json", "./a.json", "a//b.json",
+                                  "a\\b.json", "", "MANIFEST.json"])
+def test_bad_file_names_refused(store, name):
+    with pytest.raises(StoreError, match=r"is invalid") as info:
+        store.publish("policy", 1, {name: b"{}"})
+    assert repr(name) in str(info.value)
+    assert store.versions("policy") == []
+
+
+@pytest.mark.parametrize(("kind", "version"), [("Policy", 1), ("", 1), ("9p", 1), ("a/b", 1), ("../x", 1),
+                                               ("policy", -1), ("policy", True), ("policy", 1.0),
+                                               ("policy", "1"), ("policy", 10**8)])
 def test_bad_kind_or_version(store, kind, version):
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=r"kind|version"):
         store.publish(kind, version, {"a.json": b"1"})
 
 
-def test_tampered_file_is_detected_and_nothing_left_at_dest(tmp_path):
-    store = ArtifactStore(tmp_path / "s")
-    store.publish("policy", 1, {"model.safetensors": WEIGHTS})
-    path = tmp_path / "s" / "policy" / "v00000001" / "model.safetensors"
-    path.write_bytes(WEIGHTS[:-1] + b"\x00")
-    with pytest.raises(StoreIntegrityError, match="does not match the manifest"):
+def test_bad_values_and_metadata_refused(store):
+    with pytest.raises(StoreError, match=r"must be bytes or a pathlib\.Path, got str"):
+        store.publish("policy", 1, {"a.json": "text"})
+    with pytest.raises(StoreError, match=r"cannot read the source of 'a\.json'"):
+        store.publish("policy", 1, {"a.json": Path("/nonexistent/a.json")})
+    with pytest.raises(StoreError, match=r"metadata is not JSON-serializable"):
+        store.publish("policy", 1, {"a.json": b"1"}, {"t": object()})
+    with pytest.raises(StoreError, match=r"no files"):
+        store.publish("policy", 1, {})
+    assert store.versions("policy") == []
+
+
+def test_tampered_file_is_detected_and_nothing_left_at_dest(store, tmp_path):
+    m = store.publish("policy", 1, {"model.safetensors": WEIGHTS, "config.json": b"{}"})
+    bad = WEIGHTS[:-1] + b"\x00"
+    _tamper(store, "policy", 1, "model.safetensors", bad)
+    with pytest.raises(StoreIntegrityError, match=r"does not match the manifest"):
         store.load_tensors("policy", 1)
-    with pytest.raises(StoreIntegrityError):
+    with pytest.raises(StoreIntegrityError) as info:
         store.fetch("policy", 1, tmp_path / "dest")
+    message = str(info.value)
+    assert "policy v1/model.safetensors" in message and m.files["model.safetensors"].sha256 in message
+    assert hashlib.sha256(bad).hexdigest() in message
     assert not (tmp_path / "dest").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dest")]
+    _tamper(store, "policy", 1, "model.safetensors", WEIGHTS + b"x")  # wrong size too
+    with pytest.raises(StoreIntegrityError, match=f"{len(WEIGHTS) + 1} bytes"):
+        store.read_bytes("policy", 1, "model.safetensors")
+    store.fs.rm_file(f"{store._version_dir('policy', 1)}/config.json")
+    with pytest.raises(StoreIntegrityError, match=r"config\.json is listed in the manifest but missing"):
+        store.read_bytes("policy", 1, "config.json")
 
 
-def test_interrupted_publish_is_invisible_and_collected(tmp_path):
-    store = ArtifactStore(tmp_path / "s")
+def test_corrupt_manifest_is_an_integrity_error(store):
     store.publish("policy", 1, {"a.json": b"1"})
-    partial = tmp_path / "s" / "policy" / "v00000002"
-    partial.mkdir()
-    (partial / "a.json").write_text("half")  # no manifest: a crash mid-publish
-    staging = tmp_path / "s" / "policy" / ".staging-dead"
-    staging.mkdir()
+    _tamper(store, "policy", 1, "MANIFEST.json", b"{not json")
+    with pytest.raises(StoreIntegrityError, match=r"policy v1: .*MANIFEST\.json is unreadable"):
+        store.manifest("policy", 1)
+
+
+def test_interrupted_publish_is_invisible_and_collected(store):
+    store.publish("policy", 1, {"a.json": b"1"})
+    kind_dir = f"{store.root}/policy"
+    _put(store, f"{kind_dir}/v00000002/a.json", b"half")  # no manifest: a crash mid-publish
+    _put(store, f"{kind_dir}/.staging-dead/MANIFEST.json", b"{}")  # an abandoned staging dir
+    _put(store, f"{kind_dir}/.staging-deadfile", b"{}")  # an abandoned LATEST temp file
     assert store.versions("policy") == [1] and store.latest("policy").version == 1
     with pytest.raises(VersionNotFoundError):
         store.manifest("policy", 2)
-    store.gc("policy", keep=5, stale_after_s=0)
-    assert not partial.exists() and not staging.exists()
+    store.gc("policy", keep=5)  # young leftovers may be publishes in progress: kept
+    assert store.fs.exists(f"{kind_dir}/v00000002/a.json") and store.fs.exists(f"{kind_dir}/.staging-deadfile")
+    assert store.gc("policy", keep=5, stale_after_s=0) == []
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(kind_dir, detail=False)}
+    assert not {"v00000002", ".staging-dead", ".staging-deadfile"} & names and "v00000001" in names
     store.publish("policy", 2, {"a.json": b"2"})  # the number is usable again
-    assert store.latest("policy").version == 2
+    assert store.latest("policy").version == 2 and store.read_bytes("policy", 2, "a.json") == b"2"
 
 
-def test_latest_pointer_damage_falls_back_to_scan(tmp_path):
+def test_leftover_incomplete_version_is_replaced_on_publish(store):
+    _put(store, f"{store.root}/policy/v00000003/old.json", b"half")
+    store.publish("policy", 3, {"a.json": b"3"})
+    assert store.manifest("policy", 3).files.keys() == {"a.json"}
+
+
+def test_staging_is_never_visible(tmp_path, monkeypatch):
     store = ArtifactStore(tmp_path / "s")
     store.publish("policy", 1, {"a.json": b"1"})
+    seen, real_fsync = [], os.fsync
+
+    def spy(fd):  # called while version 2's files are being staged
+        seen.append((store.versions("policy"), store.latest("policy").version))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store.publish("policy", 2, {"a.json": b"2", "b.json": b"2"})
+    assert seen[:2] == [([1], 1), ([1], 1)] and store.versions("policy") == [1, 2]
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(StoreError, match=r"publish policy v3 to .* failed: .*No space left"):
+        store.publish("policy", 3, {"a.json": b"3"})
+    assert store.versions("policy") == [1, 2] and store.latest("policy").version == 2
+    assert not [p for p in (tmp_path / "s" / "policy").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_latest_pointer_damage_falls_back_to_scan(store):
+    store.publish("policy", 1, {"a.json": b"1"})
     store.publish("policy", 2, {"a.json": b"2"})
-    (tmp_path / "s" / "policy" / "LATEST").write_text("garbage")
+    latest = f"{store.root}/policy/LATEST"
+    for bad in (b"garbage", b'{"version": 9}', b'{"version": -1}', b"[]"):
+        store.fs.pipe_file(latest, bad)
+        assert store.latest("policy").version == 2
+    store.fs.rm_file(latest)
     assert store.latest("policy").version == 2
-    (tmp_path / "s" / "policy" / "LATEST").write_text(json.dumps({"version": 9}))
-    assert store.latest("policy").version == 2
+    store.publish("policy", 3, {"a.json": b"3"})  # a missing pointer is recreated
+    assert json.loads(store.fs.cat_file(latest)) == {"version": 3}
 
 
 def test_gc_keeps_newest_and_latest(store):
     for v in range(1, 6):
         store.publish("policy", v, {"a.json": str(v).encode()})
     assert store.gc("policy", keep=2) == [1, 2, 3]
-    assert store.versions("policy") == [4, 5]
-    with pytest.raises(StoreError):
-        store.gc("policy", keep=0)
+    assert store.versions("policy") == [4, 5] and store.latest("policy").version == 5
+    store.publish("policy", 6, {"a.json": b"6"})
+    store.fs.pipe_file(f"{store.root}/policy/LATEST", b'{"version": 4}')  # pinned (e.g. a rollback)
+    assert store.gc("policy", keep=1) == [5]
+    assert store.versions("policy") == [4, 6] and store.latest("policy").version == 4
+    assert store.gc("nothing", keep=1) == []
+    for keep in (0, -1, True, 1.5):
+        with pytest.raises(StoreError, match=r"keep must be an integer >= 1"):
+            store.gc("policy", keep=keep)
 
 
-def test_concurrent_publishers_end_with_the_highest_latest(tmp_path):
-    store = ArtifactStore(tmp_path / "s")
-    threads = [threading.Thread(target=store.publish, args=("policy", v, {"a.json": str(v).encode()}))
-               for v in range(1, 17)]
+@pytest.mark.parametrize("shared", [True, False], ids=["one-store", "store-per-thread"])
+def test_concurrent_publishers_end_with_the_highest_latest(tmp_path, shared):
+    root = tmp_path / "s"
+    stores = [ArtifactStore(root)] * 16 if shared else [ArtifactStore(root) for _ in range(16)]
+    errors = []
+
+    def publish(s, v):
+        try:
+            s.publish("policy", v, {"a.json": str(v).encode()})
+            s.publish("policy", 7, {"a.json": b"7"})  # everyone also retries one common version
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(s, v)) for v, s in enumerate(stores, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert store.versions("policy") == list(range(1, 17)) and store.latest("policy").version == 16
-    assert not [p for p in Path(tmp_path / "s" / "policy").iterdir() if p.name.startswith(".")]
+    assert errors == []
+    s = ArtifactStore(root)
+    assert s.versions("policy") == list(range(1, 17)) and s.latest("policy").version == 16
+    assert {p.name for p in (root / "policy").iterdir() if p.name.startswith(".")} <= {".lock"}
+
+
+def test_concurrent_publishers_on_memory_fs():
+    store = ArtifactStore(f"memory://tlt-test-{uuid.uuid4().hex}")
+    threads = [threading.Thread(target=store.publish, args=("policy", v, {"a.json": b"%d" % v}))
+               for v in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.versions("policy") == list(range(8)) and store.latest("policy").version == 7
+    store.fs.rm(store.root, recursive=True)
+
+
+def test_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = ArtifactStore("relative/store")
+    assert plain.local and plain.root == str(tmp_path / "relative" / "store")
+    plain.publish("policy", 0, {"a.json": b"0"})
+    assert (tmp_path / "relative/store/policy/v00000000/MANIFEST.json").is_file()
+    assert ArtifactStore(f"file://{tmp_path}/relative/store").latest("policy").version == 0
+    mem = ArtifactStore(f"memory://tlt-test-{uuid.uuid4().hex}", storage_options={})
+    assert not mem.local
+    with pytest.raises(StoreError, match=r"cannot be opened"):
+        ArtifactStore("nosuchprotocol://bucket/x")
+    assert isinstance(fsspec.filesystem("memory"), type(mem.fs))
+
+
+def test_manifest_json_round_trip():
+    m = Manifest("policy", 3, {"a.json": FileEntry("ab" * 32, 2)}, {"step": 3}, 12.5)
+    raw = json.loads(m.to_json())
+    assert raw["files"]["a.json"] == {"sha256": "ab" * 32, "size": 2} and raw["created"] == 12.5
+    assert Manifest.from_json(m.to_json()) == m

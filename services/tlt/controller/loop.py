@@ -31,7 +31,7 @@ from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.worker import RequestQueue, RolloutRequest, RolloutWorker
 from tlt.store import ArtifactStore
-from tlt.trainer.policy import PolicyTrainer, Sample
+from tlt.trainer.policy import Sample, make_policy_trainer
 from tlt_operator.planner import JobProgress, PlannerConfig, plan_roles, role_changes
 
 POLICY_KIND = "policy"
@@ -78,7 +78,7 @@ class Controller:
     def _build_components(self) -> None:
         spec = self.spec
         policy = load_model(self.model_dir, dtype="float32")
-        self.trainer = PolicyTrainer(policy, spec.trainer.grpo)
+        self.trainer = make_policy_trainer(policy, spec.trainer.grpo, workers=spec.trainer.workers)
         sd_on = spec.rollout.speculative.mode != "off"
         master = comp.initial_drafter(spec, self.model_dir, policy) if sd_on else None
         self.aggregator = DrafterAggregator(master, self.store, 0, spec.drafter.outer_lr) if master else None
@@ -141,10 +141,13 @@ class Controller:
             self._append(log_path, {"event": "start", "config": self.spec.to_dict(),
                                     "baseline_heldout_reward": baseline})
         start = time.perf_counter()
-        while self.step < self.spec.steps:
-            record = self.run_step()
-            self._append(log_path, record)
-            records.append(record)
+        try:
+            while self.step < self.spec.steps:
+                record = self.run_step()
+                self._append(log_path, record)
+                records.append(record)
+        finally:
+            self.close()
         final = self.evaluate()
         self._append(log_path, {"event": "end", "total_s": time.perf_counter() - start,
                                 "final_heldout_reward": final})
@@ -318,6 +321,12 @@ class Controller:
         tmp = ckpt / "controller.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(ckpt / "controller.json")
+
+    def close(self) -> None:
+        """Release the trainer's workers (Ray) if it has any; the controller can still evaluate."""
+        close = getattr(self.trainer, "close", None)
+        if close is not None:
+            close()
 
     # ---- evaluation -------------------------------------------------------------------------------
 

@@ -1,1 +1,2 @@
-"""Policy training: GRPO losses (`grpo`) and the optimizer loop with checkpoints (`policy`)."""
+"""Policy training: GRPO math (`grpo`), the optimizer loop with checkpoints (`policy`) and data-parallel
+training on Ray Train (`distributed`, imported only when used)."""

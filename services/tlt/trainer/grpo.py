@@ -1,24 +1,37 @@
 """GRPO math: group-normalised advantages, the clipped ratio loss, KL to a reference, aggregation.
 
-Aggregation takes an explicit normaliser (tokens or sequences of the whole optimizer step), so summing
-micro-batch losses under gradient accumulation gives exactly the loss of one big batch.
+Pure tensor functions, no model code. Every aggregation takes an explicit ``normaliser``: the number of
+response tokens (``token-mean``) or of sequences (``seq-mean-*``) of the *whole optimizer step*, not of the
+micro-batch at hand. A micro-batch's loss is then its share of the step loss, so summing micro-batch losses
+(gradient accumulation, or an all-reduce across data-parallel workers) gives exactly the loss of one big
+batch.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from tlt.errors import ConfigError
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LOSS_AGGS: tuple[str, ...] = get_args(LossAgg)
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """GRPO and optimizer settings (field names as in the job spec's ``trainer.grpo`` section)."""
+    """GRPO and optimizer settings (the job spec's ``trainer.grpo`` section).
+
+    ``clip_ratio_low``/``clip_ratio_high`` bound the importance ratio to ``[1 - low, 1 + high]`` (the
+    asymmetric "clip-higher" of DAPO). ``mini_batch_size`` is the number of samples per optimizer update
+    (0: the whole batch is one update); ``micro_batch_tokens`` is the padded-token budget of one
+    forward/backward, gradients of the micro-batches are accumulated. A single sample longer than the
+    budget gets a micro-batch of its own.
+    """
 
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.99)
@@ -32,69 +45,126 @@ class GRPOConfig:
     loss_agg: LossAgg = "token-mean"
     ppo_epochs: int = 1
     mini_batch_size: int = 0
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: int = 4096
     bf16_autocast: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field (``clip_ratio_low must be ...``)."""
+        betas_ok = isinstance(self.betas, tuple | list) and len(self.betas) == 2 and all(
+            _is_number(b) and 0 <= b < 1 for b in self.betas)
         checks = [
-            (self.lr > 0, "lr must be > 0", self.lr),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)",
-             self.betas),
-            (self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay),
-            (self.grad_clip > 0, "grad_clip must be > 0", self.grad_clip),
-            (0 < self.clip_ratio_low < 1, "clip_ratio_low must be in (0, 1)", self.clip_ratio_low),
-            (self.clip_ratio_high > 0, "clip_ratio_high must be > 0", self.clip_ratio_high),
-            (self.kl_coef >= 0, "kl_coef must be >= 0", self.kl_coef),
-            (self.entropy_coef >= 0, "entropy_coef must be >= 0", self.entropy_coef),
-            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1", self.ppo_epochs),
-            (self.mini_batch_size >= 0, "mini_batch_size must be >= 0 (0 = the whole batch)", self.mini_batch_size),
-            (self.micro_batch_tokens >= 16, "micro_batch_tokens must be >= 16", self.micro_batch_tokens),
+            ("lr", _is_number(self.lr) and 0 < self.lr < math.inf, "must be > 0"),
+            ("betas", betas_ok, "must be two numbers in [0, 1)"),
+            ("weight_decay", _is_number(self.weight_decay) and self.weight_decay >= 0, "must be >= 0"),
+            ("grad_clip", _is_number(self.grad_clip) and self.grad_clip > 0, "must be > 0"),
+            ("clip_ratio_low", _is_number(self.clip_ratio_low) and 0 < self.clip_ratio_low < 1, "must be in (0, 1)"),
+            ("clip_ratio_high", _is_number(self.clip_ratio_high) and self.clip_ratio_high > 0, "must be > 0"),
+            ("kl_coef", _is_number(self.kl_coef) and self.kl_coef >= 0, "must be >= 0"),
+            ("entropy_coef", _is_number(self.entropy_coef) and self.entropy_coef >= 0, "must be >= 0"),
+            ("norm_adv_by_std", isinstance(self.norm_adv_by_std, bool), "must be true or false"),
+            ("loss_agg", self.loss_agg in LOSS_AGGS, f"must be one of {', '.join(LOSS_AGGS)}"),
+            ("ppo_epochs", _is_int(self.ppo_epochs) and self.ppo_epochs >= 1, "must be an integer >= 1"),
+            ("mini_batch_size", _is_int(self.mini_batch_size) and self.mini_batch_size >= 0,
+             "must be an integer >= 0 (0 = the whole batch)"),
+            ("micro_batch_tokens", _is_int(self.micro_batch_tokens) and self.micro_batch_tokens >= 16,
+             "must be an integer >= 16"),
+            ("bf16_autocast", isinstance(self.bf16_autocast, bool), "must be true or false"),
+            ("seed", _is_int(self.seed) and self.seed >= 0, "must be an integer >= 0"),
         ]
-        for ok, message, value in checks:
+        for name, ok, requirement in checks:
             if not ok:
-                raise ConfigError(f"{message}, got {value!r}")
+                raise ConfigError(f"{name} {requirement}, got {getattr(self, name)!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, norm_by_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
-    """``(r - mean of its group) / (std of its group + eps)``; singleton or uniform groups give 0."""
-    out = torch.zeros_like(rewards, dtype=torch.float32)
-    for g in groups.unique():
-        idx = groups == g
-        r = rewards[idx].float()
-        if r.numel() < 2:
-            continue
-        centred = r - r.mean()
-        out[idx] = centred / (r.std() + eps) if norm_by_std else centred
-    return out
+    """Per-sample GRPO advantage ``(r - mean_g) / (std_g + eps)`` (or ``r - mean_g`` without std).
+
+    ``groups[i]`` is the group id of sample ``i`` (samples answering the same prompt); ``std_g`` is the
+    unbiased standard deviation. Singleton groups and groups whose rewards are all equal carry no signal
+    and get exactly 0.
+    """
+    r = rewards.float()
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    n = counts.numel()
+    mean = r.new_zeros(n).index_add_(0, inverse, r) / counts
+    centred = r - mean[inverse]
+    if norm_by_std:
+        var = r.new_zeros(n).index_add_(0, inverse, centred.pow(2)) / (counts - 1).clamp_min(1)
+        centred = centred / (var.sqrt()[inverse] + eps)
+    hi = r.new_full((n,), -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lo = r.new_full((n,), math.inf).scatter_reduce(0, inverse, r, "amin")
+    informative = (counts > 1) & (hi > lo)
+    return torch.where(informative[inverse], centred, torch.zeros_like(centred))
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: LossAgg, normaliser: float) -> torch.Tensor:
-    """Sum of this micro-batch's share of the step loss; ``normaliser`` counts the step's tokens
-    (``token-mean``) or sequences (the ``seq-mean-*`` modes)."""
-    mask = mask.to(values.dtype)
+def step_normaliser(response_lengths: Sequence[int], agg: LossAgg) -> float:
+    """The normaliser of one optimizer step: its response tokens (``token-mean``) or its sequences."""
+    total = sum(response_lengths) if agg == "token-mean" else len(response_lengths)
+    return float(max(total, 1))
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: LossAgg,
+              normaliser: float | None = None) -> torch.Tensor:
+    """Reduce per-token ``values`` [B, T] over ``mask`` to a scalar: this batch's share of the step value.
+
+    - ``token-mean``: ``sum(values * mask) / normaliser`` (``normaliser`` = valid tokens of the step);
+    - ``seq-mean-token-mean``: per-sequence token mean, summed, ``/ normaliser`` (sequences of the step);
+    - ``seq-mean-token-sum``: per-sequence token sum, summed, ``/ normaliser`` (sequences of the step).
+
+    ``normaliser=None`` treats this batch as the whole step.
+    """
+    if normaliser is None:
+        normaliser = float(max(int(mask.sum()) if agg == "token-mean" else mask.shape[0], 1))
+    weights = mask.to(values.dtype)
     if agg == "token-mean":
-        return (values * mask).sum() / normaliser
-    per_seq = (values * mask).sum(-1)
+        return (values * weights).sum() / normaliser
+    per_seq = (values * weights).sum(-1)
     if agg == "seq-mean-token-mean":
-        per_seq = per_seq / mask.sum(-1).clamp_min(1)
+        per_seq = per_seq / weights.sum(-1).clamp_min(1)
     return per_seq.sum() / normaliser
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference): ``exp(d) - d - 1`` with ``d = ref - logp`` (>= 0)."""
+    """Per-token k3 estimator of KL(policy || reference): ``exp(d) - d - 1`` with ``d = ref - logp``.
+
+    Non-negative, exactly 0 where the log-probs agree; ``d`` is clamped to [-20, 20] against overflow.
+    """
     d = (ref_logprobs - logprobs).clamp(-20, 20)
     return torch.exp(d) - d - 1
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_low: float, clip_high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token clipped-ratio loss ``-min(r A, clip(r, 1-lo, 1+hi) A)`` and per-token diagnostics."""
+                mask: torch.Tensor, clip_low: float, clip_high: float, agg: LossAgg = "token-mean",
+                normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped-ratio GRPO/PPO loss ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, aggregated.
+
+    All inputs are per token [B, T] (``advantages`` broadcast over a sequence's tokens). Returns the scalar
+    loss (differentiable in ``logprobs``) and detached scalar diagnostics aggregated the same way, so they
+    also sum over micro-batches: ``clip_fraction`` (share of tokens where the clip is active),
+    ``approx_kl`` (``0.5 * (log r)^2``, KL(old || new) to second order) and ``ratio_mean``.
+    """
     log_ratio = (logprobs - old_logprobs).clamp(-20, 20)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    info = {"clipped": (clipped < unclipped).float(), "approx_kl": 0.5 * log_ratio.pow(2), "ratio": ratio}
-    return loss, {k: v.detach() for k, v in info.items()} | {"mask": mask}
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, agg, normaliser)
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": aggregate((clipped < unclipped).float(), mask, agg, normaliser),
+            "approx_kl": aggregate(0.5 * log_ratio.pow(2), mask, agg, normaliser),
+            "ratio_mean": aggregate(ratio, mask, agg, normaliser),
+        }
+    return loss, metrics
