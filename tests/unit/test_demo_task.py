@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
 
 import pytest
 import torch
@@ -169,9 +168,7 @@ def test_training_smoke_loss_decreases():
                 param.normal_(0, 0.02)
     config = TrainConfig(steps=30, batch_tokens=1024, lr=3e-3, warmup_steps=5, pool_size=256,
                          task={"max_steps": 8})
-    start = time.perf_counter()
     result = train(model, config, progress=False)
-    assert time.perf_counter() - start < 20
     assert len(result.losses) == 30 and result.loss_tokens > 0
     assert all(torch.isfinite(torch.tensor(result.losses)))
     first, last = statistics.fmean(result.losses[:3]), statistics.fmean(result.losses[-5:])
