@@ -44,10 +44,10 @@ class ProgressDisplay:
     def _progress_text(event: dict) -> str:
         workers = event["workers"]
         running = sum(w.running + w.queued for w in workers)
-        tail = any(w.running == 0 and w.queued == 0 for w in workers) and running > 0
         roles = " ".join(f"{w.name.split('-')[-1]}:{ROLE_LETTER[event['roles'][w.name]]}{w.running}" for w in workers)
         acc = event.get("acceptance_length")
-        return f"{'TAIL ' if tail else ''}running={running} roles[{roles}]" + (f" acc={acc:.2f}" if acc else "")
+        tail = "TAIL " if event.get("tail") else ""
+        return f"{tail}running={running} roles[{roles}]" + (f" acc={acc:.2f}" if acc else "")
 
     @staticmethod
     def step_line(record: dict) -> str:

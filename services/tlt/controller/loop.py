@@ -24,7 +24,6 @@ from tlt.controller import components as comp
 from tlt.data.datasets import PromptRecord, PromptSampler
 from tlt.drafter.aggregator import DRAFTER_KIND, DrafterAggregator, publish_drafter
 from tlt.errors import ConfigError
-from tlt.models.drafter import Eagle3Drafter
 from tlt.models.drafter_io import copy_drafter_tensors
 from tlt.models.loader import hf_state_dict, load_model
 from tlt.rollout.engine import RequestOutput
@@ -32,7 +31,7 @@ from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.worker import RequestQueue, RolloutRequest, RolloutWorker
 from tlt.store import ArtifactStore
 from tlt.trainer.policy import Sample, make_policy_trainer
-from tlt_operator.planner import JobProgress, PlannerConfig, plan_roles, role_changes
+from tlt_operator.planner import JobProgress, PlannerConfig, in_long_tail, plan_roles, role_changes
 
 POLICY_KIND = "policy"
 PLANNER_PERIOD_S = 0.02
@@ -87,9 +86,7 @@ class Controller:
             model = load_model(self.model_dir, dtype=spec.model.dtype)
             drafter = None
             if master is not None:
-                drafter = Eagle3Drafter(master.config, model.embed, max_positions=model.rope_cos.shape[0])
-                drafter.load_state_dict(master.state_dict())
-                drafter.to(model.dtype).eval()
+                drafter = master.copy_for(model).to(model.dtype).eval()
             push = self.aggregator.push_delta if self.aggregator else None
             self.workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, push))
         self._resume_or_publish_initial(policy, master)
@@ -199,12 +196,13 @@ class Controller:
     def _load_newest(self) -> tuple[int, int | None]:
         policy = self.store.latest(POLICY_KIND)
         drafter = self.store.latest(DRAFTER_KIND) if self.aggregator else None
-        policy_tensors = self.store.load_tensors(POLICY_KIND, policy.version)
-        drafter_tensors = self.store.load_tensors(DRAFTER_KIND, drafter.version) if drafter else None
+        policy_tensors = drafter_tensors = None  # read (and verified) only when some worker lacks the version
         for worker in self.workers:
             if worker.policy_version != policy.version:
+                policy_tensors = policy_tensors or self.store.load_tensors(POLICY_KIND, policy.version)
                 worker.load_policy(policy.version, policy_tensors)
             if drafter is not None and worker.drafter_version != drafter.version:
+                drafter_tensors = drafter_tensors or self.store.load_tensors(DRAFTER_KIND, drafter.version)
                 worker.load_drafter(drafter.version, drafter_tensors)
             worker.spot_reports.clear()
             if worker.engine.spec is not None:
@@ -254,14 +252,14 @@ class Controller:
                 break
             progress = JobProgress("rollout", len(queue), tuple(w.progress() for w in self.workers))
             new_roles = plan_roles(progress, self.planner)
-            if tail_start is None and len(queue) == 0 and any(
-                    p.running == 0 and p.queued == 0 for p in progress.workers):
+            tail = in_long_tail(progress)
+            if tail_start is None and tail:
                 tail_start = time.monotonic()
             for name, _old, role in role_changes(roles, new_roles):
                 next(w for w in self.workers if w.name == name).set_role(role)
                 self.on_event({"event": "role", "worker": name, "role": role})
             roles = new_roles
-            self.on_event({"event": "progress", "workers": progress.workers, "roles": roles,
+            self.on_event({"event": "progress", "workers": progress.workers, "roles": roles, "tail": tail,
                            "acceptance_length": self._sd_record().get("acceptance_length")})
             time.sleep(PLANNER_PERIOD_S)
         end = time.monotonic()

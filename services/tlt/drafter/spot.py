@@ -53,9 +53,7 @@ class SpotDrafterTrainer:
                  batch_size: int, push_every: int, ttt_steps: int = 4, max_len: int = 1024,
                  buffer_responses: int = 512, seed: int = 0) -> None:
         self.target = target
-        self.drafter = Eagle3Drafter(drafter_template.config, target.embed, max_positions=target.rope_cos.shape[0])
-        self.drafter.load_state_dict(drafter_template.state_dict())
-        self.drafter.float()
+        self.drafter = drafter_template.copy_for(target).float()
         self.push = push
         self.batch_size = batch_size
         self.push_every = push_every

@@ -170,6 +170,12 @@ class Eagle3Drafter(nn.Module):
         """
         object.__setattr__(self, "_target_embed", embed)
 
+    def copy_for(self, target) -> Eagle3Drafter:
+        """A copy of this drafter's weights (in fp32) bound to ``target``'s embedding."""
+        copy = Eagle3Drafter(self.config, target.embed, max_positions=target.rope_cos.shape[0])
+        copy.load_state_dict(self.state_dict())
+        return copy
+
     @property
     def embed(self) -> torch.Tensor:
         return self._target_embed
