@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["tests.integration.prometheus_fixtures"]
+
 # Tests run on 2-core CI machines next to other processes; keep torch from oversubscribing.
 torch.set_num_threads(2)
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlt.cli_run import add_report, add_run
+from tlt.cli_run import add_report, add_run, add_serve
 from tlt.data.demo_task import format_prompt
 from tlt.drafter.warmup import DrafterTrainConfig
 from tlt.errors import ConfigError, TLTError
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_drafter(sub)
     add_run(sub)
     add_report(sub)
+    add_serve(sub)
     return parser
 
 

@@ -19,7 +19,54 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path, help="where logs, checkpoints, the store and the report go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per step)")
     p.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
+    mode = p.add_argument_group("services (default: start rollout, drafter and trainer processes on loopback)")
+    mode.add_argument("--inproc", action="store_true", help="run every service inside this process (threads)")
+    mode.add_argument("--rollout", action="append", default=[], metavar="HOST:PORT",
+                      help="use running rollout services instead of starting them (repeatable)")
+    mode.add_argument("--drafter", metavar="HOST:PORT", help="a running drafter-training service")
+    mode.add_argument("--trainer", metavar="HOST:PORT", help="a running policy-trainer service")
+    mode.add_argument("--planner", choices=("controller", "external"), default="controller",
+                      help="who moves workers between roles: this controller, or an external one (the operator)")
+    mode.add_argument("--metrics-port", type=int, help="serve the controller's /metrics, /healthz, /readyz here")
+    mode.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds to")
     p.set_defaults(func=cmd_run)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one service (rollout, drafter or trainer) as a gRPC server")
+    p.add_argument("service", choices=("rollout", "drafter", "trainer"))
+    p.add_argument("--config", type=Path, help="job spec YAML (default: the built-in demo job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="HTTP port of /metrics, /healthz, /readyz")
+    p.add_argument("--name", default="", help="worker name (rollout; default: the service kind)")
+    p.add_argument("--drafter", default="", metavar="HOST:PORT", help="drafter service (rollout workers push there)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: job threads, else all cores)")
+    p.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once serving")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight RPCs on SIGTERM")
+    p.set_defaults(func=cmd_serve)
+
+
+def _load_spec(config: Path | None, overrides: dict[str, Any]):
+    from tlt.config import apply_overrides, job_spec_from_dict, load_job_spec
+
+    if config is not None:
+        return load_job_spec(config, overrides)
+    return job_spec_from_dict(apply_overrides({}, overrides))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from tlt.serving.serve import ServeOptions, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec = _load_spec(args.config, parse_overrides(args.overrides))
+    serve(spec, ServeOptions(args.service, args.host, args.port, args.metrics_port, args.name or args.service,
+                             args.drafter, args.threads, args.port_file, args.grace))
+    return 0
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
@@ -45,23 +92,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tlt.config import job_spec_from_dict, load_job_spec
     from tlt.controller.display import ProgressDisplay
-    from tlt.controller.loop import Controller
 
     overrides = parse_overrides(args.overrides)
     if args.output_dir is not None:
         overrides["output_dir"] = str(args.output_dir)
-    if args.config is not None:
-        spec = load_job_spec(args.config, overrides)
-    else:
-        from tlt.config import apply_overrides
-
-        spec = job_spec_from_dict(apply_overrides({}, overrides))
+    spec = _load_spec(args.config, overrides)
+    remote = bool(args.rollout or args.drafter or args.trainer)
+    if remote and (args.inproc or not args.rollout or not args.trainer):
+        raise ConfigError("to use running services give --rollout (one per worker) and --trainer (and --drafter "
+                          "unless speculative.mode is off), without --inproc")
     display = ProgressDisplay(spec.steps, enabled=not args.no_progress)
     try:
-        controller = Controller(spec, on_event=display if not args.no_progress else _print_steps)
-        controller.run()
+        _run_controller(spec, args, display if not args.no_progress else _print_steps)
     finally:
         display.close()
     log = Path(spec.output_dir) / "steps.jsonl"
@@ -73,6 +116,39 @@ def cmd_run(args: argparse.Namespace) -> int:
                               title=f"TLT run: {spec.name}")
         print(f"report: {report}")
     return 0
+
+
+def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
+    """Start (or connect to) the services, serve the controller's metrics if asked, run the job."""
+    from contextlib import ExitStack
+
+    from tlt.controller.components import load_prompt_sets, resolve_model_dir
+    from tlt.controller.loop import Controller
+    from tlt.controller.services import ServiceAddresses
+
+    resolve_model_dir(spec)  # bad paths fail here, before any service process starts
+    load_prompt_sets(spec)
+    with ExitStack() as stack:
+        if args.inproc:
+            addresses = None
+        elif args.rollout:
+            addresses = ServiceAddresses(tuple(args.rollout), args.drafter, args.trainer)
+        else:
+            from tlt.serving.launcher import LocalServices
+
+            addresses = stack.enter_context(LocalServices(spec))
+        controller = Controller(spec, on_event=on_event, services=addresses, move_roles=args.planner == "controller")
+        stack.callback(controller.close)
+        if args.metrics_port is not None:
+            from prometheus_client import CollectorRegistry
+
+            from tlt.metrics import CallbackCollector
+            from tlt.serving.http import MetricsServer
+
+            registry = CollectorRegistry()
+            registry.register(CallbackCollector(controller.metric_samples))
+            stack.enter_context(MetricsServer(args.metrics_port, args.metrics_host, registry).start())
+        controller.run()
 
 
 def _print_steps(event: dict) -> None:

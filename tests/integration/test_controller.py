@@ -39,11 +39,11 @@ def test_job_runs_and_resumes_exactly(tmp_path):
     store.fs.rm(store._version_dir(POLICY_KIND, 2), recursive=True)
     (tmp_path / "run" / "store" / "policy" / "LATEST").unlink()
     resumed = Controller(_spec(tmp_path, steps=3))
-    assert resumed.step == 2 and resumed.trainer.step == 2
+    assert resumed.step == 2 and resumed.trainer.optimizer_steps == 2
     assert store.latest(POLICY_KIND).version == 2  # republished from the checkpoint
     resumed.run()
     assert [r["step"] for r in _steps(tmp_path / "run" / "steps.jsonl")] == [1, 2, 3]
-    assert store.latest(POLICY_KIND).version == 3 and resumed.trainer.step == 3
+    assert store.latest(POLICY_KIND).version == 3 and resumed.trainer.optimizer_steps == 3
 
 
 def test_fresh_job_refuses_a_foreign_store(tmp_path):

@@ -19,21 +19,21 @@ from pathlib import Path
 
 import torch
 
+from tlt import metrics as m
 from tlt.config import JobSpec
 from tlt.controller import components as comp
+from tlt.controller.services import ServiceAddresses, Services, build_inproc, connect
 from tlt.data.datasets import PromptRecord, PromptSampler
-from tlt.drafter.aggregator import DRAFTER_KIND, DrafterAggregator, publish_drafter
+from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError
-from tlt.models.drafter_io import copy_drafter_tensors
-from tlt.models.loader import hf_state_dict, load_model
 from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
-from tlt.rollout.worker import RequestQueue, RolloutRequest, RolloutWorker
+from tlt.rollout.speculative import SpecDecodeStats
+from tlt.rollout.worker import POLICY_KIND, RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
 from tlt.store import ArtifactStore
-from tlt.trainer.policy import Sample, make_policy_trainer
+from tlt.trainer.policy import Sample
 from tlt_operator.planner import JobProgress, PlannerConfig, in_long_tail, plan_roles, role_changes
 
-POLICY_KIND = "policy"
 PLANNER_PERIOD_S = 0.02
 
 
@@ -48,13 +48,16 @@ class StepResult:
 
 
 class Controller:
-    """Runs an RL job described by a :class:`JobSpec` (in-process workers and services).
+    """Runs an RL job described by a :class:`JobSpec`.
 
+    ``services``: addresses of running services to drive over gRPC; None builds them in this process.
+    ``move_roles``: False leaves role moves to someone else (the Kubernetes operator).
     ``on_event`` receives progress events (dicts with an ``event`` key) for a display; see
     :mod:`tlt.controller.display`.
     """
 
-    def __init__(self, spec: JobSpec, on_event: Callable[[dict], None] | None = None) -> None:
+    def __init__(self, spec: JobSpec, on_event: Callable[[dict], None] | None = None,
+                 services: ServiceAddresses | None = None, move_roles: bool = True) -> None:
         self.spec = spec
         self.on_event = on_event or (lambda event: None)
         self.out_dir = Path(spec.output_dir)
@@ -69,63 +72,45 @@ class Controller:
         self.planner = PlannerConfig(drafter_training=spec.drafter.online_training,
                                      min_responses=spec.drafter.min_responses,
                                      train_during_update=spec.drafter.train_during_update)
+        self.move_roles = move_roles
+        self.inproc = services is None
         self.step = 0
-        self._build_components()
+        self.status = {"phase": "update", "pending": 0, "last_step": {}, "reward_mean": None, "heldout": None,
+                       "acceptance_length": None, "policy_version": None, "drafter_version": None}
+        self._check_fresh_or_resumable()
+        self.services: Services = build_inproc(spec, self.model_dir, self.store) if self.inproc else connect(services)
+        self.workers = self.services.workers
+        self.trainer = self.services.trainer
+        self.drafter = self.services.drafter
+        self._resume_or_publish_initial()
 
     # ---- set-up ---------------------------------------------------------------------------------
 
-    def _build_components(self) -> None:
-        spec = self.spec
-        policy = load_model(self.model_dir, dtype="float32")
-        self.trainer = make_policy_trainer(policy, spec.trainer.grpo, workers=spec.trainer.workers)
-        sd_on = spec.rollout.speculative.mode != "off"
-        master = comp.initial_drafter(spec, self.model_dir, policy) if sd_on else None
-        self.aggregator = DrafterAggregator(master, self.store, 0, spec.drafter.outer_lr) if master else None
-        self.workers = []
-        for i in range(spec.rollout.workers):
-            model = load_model(self.model_dir, dtype=spec.model.dtype)
-            drafter = None
-            if master is not None:
-                drafter = master.copy_for(model).to(model.dtype).eval()
-            push = self.aggregator.push_delta if self.aggregator else None
-            self.workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, push))
-        self._resume_or_publish_initial(policy, master)
+    @property
+    def _state_path(self) -> Path:
+        return self.out_dir / "checkpoint" / "controller.json"
 
-    def _resume_or_publish_initial(self, policy, master) -> None:
-        """Resume from output_dir/checkpoint when it exists, else publish version 0 of policy and drafter."""
-        state_path = self.out_dir / "checkpoint" / "controller.json"
-        if not state_path.is_file():
-            if self.store.latest(POLICY_KIND) is not None:
-                raise ConfigError(f"store {self.spec.store_uri} already holds policy versions but {self.out_dir} "
-                                  "has no checkpoint to resume from; use a fresh output_dir or store.uri")
-            self._publish_policy(0, hf_state_dict(policy))
-            if master is not None:
-                publish_drafter(self.store, master, 0, {"source": self.spec.drafter.init})
+    def _check_fresh_or_resumable(self) -> None:
+        if not self._state_path.is_file() and self.store.latest(POLICY_KIND) is not None:
+            raise ConfigError(f"store {self.spec.store_uri} already holds policy versions but {self.out_dir} "
+                              "has no checkpoint to resume from; use a fresh output_dir or store.uri")
+
+    def _resume_or_publish_initial(self) -> None:
+        """Resume from output_dir/checkpoint when it exists, else publish policy version 0 (the drafter
+        service publishes drafter version 0 itself)."""
+        if not self._state_path.is_file():
+            self.trainer.publish_policy(0)
             return
-        state = json.loads(state_path.read_text())
+        state = json.loads(self._state_path.read_text())
         self.trainer.load_checkpoint(self.out_dir / "checkpoint" / "trainer")
         self.step = state["step"]
         self.sampler = PromptSampler.from_state(self.prompts.train, self.spec.data.prompts_per_step, state["sampler"])
         latest = self.store.latest(POLICY_KIND)
         if latest is None or latest.version < self.step:  # crashed between checkpoint and publish
-            self._publish_policy(self.step, self.trainer.policy_state())
-        drafter = self.store.latest(DRAFTER_KIND) if self.aggregator is not None else None
-        if drafter is not None:  # the newest complete version, even one published after the checkpoint
-            copy_drafter_tensors(self.aggregator.drafter, self.store.load_tensors(DRAFTER_KIND, drafter.version),
-                                 f"drafter v{drafter.version}")
-            self.aggregator.version = drafter.version
+            self.trainer.publish_policy(self.step)
         for worker, tuner_state in zip(self.workers, state.get("tuners", [])):
-            if worker.engine.tuner is not None and tuner_state:
-                worker.engine.tuner.load_state(tuner_state)
+            worker.load_tuner_state(tuner_state)
         self.on_event({"event": "resumed", "step": self.step})
-
-    def _publish_policy(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
-
-        config = (self.model_dir / "config.json").read_bytes()
-        payload = save({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()})
-        self.store.publish(POLICY_KIND, version, {"model.safetensors": payload, "config.json": config},
-                           metadata={"step": version})
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -133,21 +118,22 @@ class Controller:
         """Run the remaining steps; returns the JSONL records written for them."""
         log_path = self.out_dir / "steps.jsonl"
         records = []
-        if self.step == 0:
-            baseline = self.evaluate()
-            self._append(log_path, {"event": "start", "config": self.spec.to_dict(),
-                                    "baseline_heldout_reward": baseline})
-        start = time.perf_counter()
         try:
+            if self.step == 0:
+                baseline = self.evaluate()
+                self._append(log_path, {"event": "start", "config": self.spec.to_dict(),
+                                        "baseline_heldout_reward": baseline})
+            start = time.perf_counter()
             while self.step < self.spec.steps:
                 record = self.run_step()
                 self._append(log_path, record)
                 records.append(record)
+            final = self.evaluate()
+            self._append(log_path, {"event": "end", "total_s": time.perf_counter() - start,
+                                    "final_heldout_reward": final})
+            self.status["phase"] = "done"
         finally:
             self.close()
-        final = self.evaluate()
-        self._append(log_path, {"event": "end", "total_s": time.perf_counter() - start,
-                                "final_heldout_reward": final})
         return records
 
     @staticmethod
@@ -164,30 +150,36 @@ class Controller:
         batch = self.sampler.next_batch()
         requests = self._requests(step, batch)
         self.on_event({"event": "rollout_start", "step": step, "total": len(requests)})
-        results, roles, tail_s, rollout_s = self._rollout(requests)
+        results, summaries, tail_s, rollout_s = self._rollout(requests)
         t1 = time.perf_counter()
-        new_drafter = self.aggregator.publish({"step": step}) if self.aggregator else None
+        new_drafter = self.drafter.publish({"step": step}) if self.drafter is not None else None
         samples, texts = self._score(batch, requests, results)
         comp.set_threads(self.total_threads)
         self.on_event({"event": "train_start", "step": step})
         train_metrics = self.trainer.train_step(samples)
         self.step = step
-        self._checkpoint()  # before publishing: a crash in between republishes from this state on resume
+        self._checkpoint(summaries)  # before publishing: a crash in between republishes on resume
         t2 = time.perf_counter()
-        self._publish_policy(step, self.trainer.policy_state())
+        self.trainer.publish_policy(step)
         self.store.gc(POLICY_KIND, keep=spec.store.keep)
-        if self.aggregator is not None:
+        if self.drafter is not None:
             self.store.gc(DRAFTER_KIND, keep=spec.store.keep)
         t3 = time.perf_counter()
+        sd = self._sd_record([s.stats for s in summaries])
+        roles = [{"worker": w.name, "spans": [[x.start, x.end, x.role] for x in s.spans if x.role != "end"]}
+                 for w, s in zip(self.workers, summaries)]
         record = {
             "step": step, "wall_s": t3 - t0, "rollout_s": rollout_s, "train_s": t2 - t1, "publish_s": t3 - t2,
             "reward_mean": train_metrics.get("reward_mean"), "reward_std": train_metrics.get("reward_std"),
             "heldout_reward": None, "response_lengths": [len(s.response_ids) for s in samples],
-            "sd": self._sd_record(), "policy_version": policy_version, "drafter_version": drafter_version,
+            "sd": sd, "policy_version": policy_version, "drafter_version": drafter_version,
             "new_drafter_version": new_drafter, "tail_s": tail_s, "roles": roles,
-            "drafter_train": self._drafter_record(), "trainer": train_metrics,
+            "drafter_train": self._drafter_record(summaries), "trainer": train_metrics,
             "example": texts[0] if texts else "",
         }
+        self.status.update(phase="update", reward_mean=record["reward_mean"], acceptance_length=sd["acceptance_length"],
+                           last_step={"total": t3 - t0, "rollout": rollout_s, "tail": tail_s or 0.0,
+                                      "train": t2 - t1, "publish": t3 - t2})
         if spec.data.eval_every and step % spec.data.eval_every == 0 and step < spec.steps:
             record["heldout_reward"] = self.evaluate()
         self.on_event({"event": "step_end", "step": step, "record": record})
@@ -195,18 +187,12 @@ class Controller:
 
     def _load_newest(self) -> tuple[int, int | None]:
         policy = self.store.latest(POLICY_KIND)
-        drafter = self.store.latest(DRAFTER_KIND) if self.aggregator else None
-        policy_tensors = drafter_tensors = None  # read (and verified) only when some worker lacks the version
+        drafter = self.store.latest(DRAFTER_KIND) if self.drafter is not None else None
         for worker in self.workers:
-            if worker.policy_version != policy.version:
-                policy_tensors = policy_tensors or self.store.load_tensors(POLICY_KIND, policy.version)
-                worker.load_policy(policy.version, policy_tensors)
-            if drafter is not None and worker.drafter_version != drafter.version:
-                drafter_tensors = drafter_tensors or self.store.load_tensors(DRAFTER_KIND, drafter.version)
-                worker.load_drafter(drafter.version, drafter_tensors)
-            worker.spot_reports.clear()
-            if worker.engine.spec is not None:
-                worker.engine.stats.__init__()
+            worker.load_policy(policy.version)
+            if drafter is not None:
+                worker.load_drafter(drafter.version)
+        self.status.update(policy_version=policy.version, drafter_version=drafter.version if drafter else None)
         return policy.version, (drafter.version if drafter else None)
 
     def _requests(self, step: int, batch: list[PromptRecord]) -> list[RolloutRequest]:
@@ -221,12 +207,17 @@ class Controller:
                 out.append(RolloutRequest(f"s{step}-p{record.index}-g{g}-k{k}", ids, params, g))
         return out
 
-    def _rollout(self, requests: list[RolloutRequest]
-                 ) -> tuple[dict[str, RequestOutput], list[dict], float | None, float]:
-        """Run the rollout phase with the planner in the loop; returns results by id, role spans, tail time."""
-        comp.set_threads(max(1, self.total_threads // len(self.workers)))
-        queue = RequestQueue(requests, len(self.workers))
+    def _rollout(self, requests: list[RolloutRequest], workers: list | None = None, plan: bool = True
+                 ) -> tuple[dict[str, RequestOutput], list[WorkerStepSummary], float | None, float]:
+        """Run the rollout phase with the planner in the loop; returns results by id, the workers' step
+        summaries, the tail time and the rollout time."""
+        workers = workers or self.workers
+        if self.inproc:
+            comp.set_threads(max(1, self.total_threads // len(workers)))
+        queue = RequestQueue(requests, len(workers))
         results: dict[str, RequestOutput] = {}
+        summaries: list[WorkerStepSummary | None] = [None] * len(workers)
+        errors: list[BaseException] = []
         lock = threading.Lock()
         step_over = threading.Event()
 
@@ -237,45 +228,56 @@ class Controller:
                 results[request.request_id] = out
             self.on_event({"event": "result", "id": request.request_id, "tokens": len(out.token_ids)})
 
-        base = self.aggregator.base if self.aggregator else None
-        threads = [threading.Thread(target=w.run_rollout, args=(queue, on_result, step_over, base),
-                                    name=w.name, daemon=True) for w in self.workers]
+        def drive(i: int) -> None:
+            try:
+                summaries[i] = workers[i].run_rollout(queue, on_result, step_over)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=drive, args=(i,), name=w.name, daemon=True) for i, w in enumerate(workers)]
+        self.status["phase"] = "rollout"
         start = time.monotonic()
         for thread in threads:
             thread.start()
-        roles = {w.name: w.role for w in self.workers}
+        roles = {w.name: w.role for w in workers}
         tail_start = None
         while True:
             with lock:
                 done = len(results) == len(requests)
-            if done or not any(t.is_alive() for t in threads):
+            if done or errors or not any(t.is_alive() for t in threads):
                 break
-            progress = JobProgress("rollout", len(queue), tuple(w.progress() for w in self.workers))
-            new_roles = plan_roles(progress, self.planner)
+            progress = JobProgress("rollout", len(queue), tuple(w.progress() for w in workers))
+            self.status["pending"] = len(queue)
             tail = in_long_tail(progress)
             if tail_start is None and tail:
                 tail_start = time.monotonic()
-            for name, _old, role in role_changes(roles, new_roles):
-                next(w for w in self.workers if w.name == name).set_role(role)
-                self.on_event({"event": "role", "worker": name, "role": role})
-            roles = new_roles
+            if plan and self.move_roles:
+                roles = self._apply_roles(roles, plan_roles(progress, self.planner), workers)
             self.on_event({"event": "progress", "workers": progress.workers, "roles": roles, "tail": tail,
-                           "acceptance_length": self._sd_record().get("acceptance_length")})
+                           "acceptance_length": self._sd_record([w.live_stats() for w in workers])[
+                               "acceptance_length"]})
             time.sleep(PLANNER_PERIOD_S)
         end = time.monotonic()
-        update = plan_roles(JobProgress("update", 0, tuple(w.progress() for w in self.workers)), self.planner)
-        for worker in self.workers:
-            worker.set_role(update[worker.name])
+        self.status.update(phase="update", pending=0)
+        if plan and self.move_roles:
+            update = plan_roles(JobProgress("update", 0, tuple(w.progress() for w in workers)), self.planner)
+            self._apply_roles(roles, update, workers)
         step_over.set()
         for thread in threads:
             thread.join()
+        if errors:
+            raise errors[0]
         missing = [r.request_id for r in requests if r.request_id not in results]
         if missing:
             raise RuntimeError(f"rollout ended with {len(missing)} requests unanswered (first: {missing[0]}); "
-                               "a worker thread died, see the log above")
-        spans = [{"worker": w.name, "spans": [[s.start - start, s.end - start, s.role] for s in w.spans
-                                                if s.role != "end"]} for w in self.workers]
-        return results, spans, (end - tail_start if tail_start else None), end - start
+                               "a worker failed, see the log above")
+        return results, summaries, (end - tail_start if tail_start else None), end - start
+
+    def _apply_roles(self, roles: dict, new_roles: dict, workers: list) -> dict:
+        for name, _old, role in role_changes(roles, new_roles):
+            next(w for w in workers if w.name == name).set_role(role)
+            self.on_event({"event": "role", "worker": name, "role": role})
+        return new_roles
 
     def _score(self, batch: list[PromptRecord], requests: list[RolloutRequest],
                results: dict[str, RequestOutput]) -> tuple[list[Sample], list[str]]:
@@ -288,59 +290,78 @@ class Controller:
             texts.append(text)
         return samples, texts
 
-    def _sd_record(self) -> dict:
-        mode = self.spec.rollout.speculative.mode
-        drafts = sum(w.engine.stats.num_drafts for w in self.workers)
-        accepted = sum(w.engine.stats.num_accepted_tokens for w in self.workers)
+    def _sd_record(self, stats: list[SpecDecodeStats]) -> dict:
+        total = SpecDecodeStats()
+        for s in stats:
+            total = add_stats(total, s)
         return {
-            "mode": mode,
-            "acceptance_length": (1 + accepted / drafts) if drafts else None,
-            "draft_tokens": sum(w.engine.stats.num_draft_tokens for w in self.workers),
-            "accepted_tokens": accepted, "num_drafts": drafts,
-            "sd_seconds": sum(w.engine.stats.sd_seconds for w in self.workers),
-            "plain_seconds": sum(w.engine.stats.plain_seconds for w in self.workers),
+            "mode": self.spec.rollout.speculative.mode,
+            "acceptance_length": total.acceptance_length if total.num_drafts else None,
+            "draft_tokens": total.num_draft_tokens, "accepted_tokens": total.num_accepted_tokens,
+            "num_drafts": total.num_drafts, "sd_seconds": total.sd_seconds, "plain_seconds": total.plain_seconds,
         }
 
-    def _drafter_record(self) -> dict:
-        reports = [r for w in self.workers for r in w.spot_reports]
-        losses = [r.last_loss for r in reports if r.last_loss is not None]
-        return {"steps": sum(r.steps for r in reports), "tokens": sum(r.tokens for r in reports),
-                "pushes": sum(r.pushes for r in reports), "seconds": sum(r.seconds for r in reports),
-                "loss": losses[-1] if losses else None, "preemptions": sum(r.preempted for r in reports)}
+    @staticmethod
+    def _drafter_record(summaries: list[WorkerStepSummary]) -> dict:
+        report = sum_reports([r for s in summaries for r in s.drafter])
+        return {"steps": report.steps, "tokens": report.tokens, "pushes": report.pushes, "seconds": report.seconds,
+                "loss": report.last_loss, "preemptions": sum(r.preempted for s in summaries for r in s.drafter)}
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, summaries: list[WorkerStepSummary]) -> None:
         """Trainer state, sampler position, tuner states and versions, so a restart resumes exactly."""
         ckpt = self.out_dir / "checkpoint"
         ckpt.mkdir(parents=True, exist_ok=True)
         self.trainer.save_checkpoint(ckpt / "trainer")
         state = {"step": self.step, "sampler": self.sampler.state(),
-                 "drafter_version": self.aggregator.version if self.aggregator else None,
-                 "tuners": [w.engine.tuner.export_state() if w.engine.tuner else None for w in self.workers]}
+                 "drafter_version": summaries[0].drafter_version if summaries else None,
+                 "tuners": [w.tuner_state() for w in self.workers]}
         tmp = ckpt / "controller.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(ckpt / "controller.json")
 
     def close(self) -> None:
-        """Release the trainer's workers (Ray) if it has any; the controller can still evaluate."""
-        close = getattr(self.trainer, "close", None)
-        if close is not None:
-            close()
+        """Release the services' resources (Ray workers, channels); idempotent."""
+        self.services.close()
+        self.services.closers.clear()
 
     # ---- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self) -> float | None:
         """Mean reward of the current policy on the held-out prompts, one seeded sample each (same seeds
-        every time, so evaluations are paired); None without a held-out set."""
+        every time, so evaluations are paired), generated by the first worker; None without a held-out set."""
         if not self.prompts.heldout:
             return None
         comp.set_threads(self.total_threads)
         self._load_newest()
-        engine = self.workers[0].engine
         r = self.spec.rollout
         temperature = r.temperature if self.spec.data.eval_temperature is None else self.spec.data.eval_temperature
-        params = [SamplingParams(temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                 seed=self.spec.seed * 7919 + i) for i in range(len(self.prompts.heldout))]
-        outs = engine.generate([self.tokenizer.encode(p.prompt) for p in self.prompts.heldout], params)
-        rewards = [self.reward(r, self.tokenizer.decode(o.token_ids)) for r, o in zip(self.prompts.heldout, outs)]
-        self.on_event({"event": "eval", "step": self.step, "reward": sum(rewards) / len(rewards)})
-        return sum(rewards) / len(rewards)
+        requests = [RolloutRequest(f"eval{self.step}-{i}", self.tokenizer.encode(p.prompt),
+                                   SamplingParams(temperature=temperature, top_p=r.top_p,
+                                                  max_new_tokens=r.max_new_tokens, seed=self.spec.seed * 7919 + i), i)
+                    for i, p in enumerate(self.prompts.heldout)]
+        results = self._rollout(requests, workers=self.workers[:1], plan=False)[0]
+        rewards = [self.reward(p, self.tokenizer.decode(results[q.request_id].token_ids))
+                   for p, q in zip(self.prompts.heldout, requests)]
+        mean = sum(rewards) / len(rewards)
+        self.status["heldout"] = mean
+        self.on_event({"event": "eval", "step": self.step, "reward": mean})
+        return mean
+
+    # ---- metrics ----------------------------------------------------------------------------------
+
+    def metric_samples(self) -> list[m.Sample]:
+        """The controller's series (and, in process, the workers') for a CallbackCollector."""
+        s = self.status
+        out: list[m.Sample] = [
+            (m.CONTROLLER_STEP, {}, self.step), (m.CONTROLLER_PENDING_REQUESTS, {}, s["pending"]),
+            *m.one_hot(m.CONTROLLER_PHASE, s["phase"], ("rollout", "update", "done")),
+            *[(m.CONTROLLER_LAST_STEP_SECONDS, {"phase": k}, v) for k, v in s["last_step"].items()],
+            (m.CONTROLLER_REWARD_MEAN, {}, s["reward_mean"]), (m.CONTROLLER_HELDOUT_REWARD, {}, s["heldout"]),
+            (m.CONTROLLER_ACCEPTANCE_LENGTH, {}, s["acceptance_length"]),
+            (m.CONTROLLER_POLICY_VERSION, {}, s["policy_version"]),
+            (m.CONTROLLER_DRAFTER_VERSION, {}, s["drafter_version"]),
+        ]
+        if self.inproc:
+            for worker in self.workers:
+                out += worker.metric_samples()
+        return out

@@ -141,18 +141,7 @@ class RolloutEngine:
                request_id: str | None = None) -> str:
         """Queue a request; validates it at once and returns its id."""
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InvalidRequestError("prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt holds token id {bad[0]} outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_seq_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} tokens but max_seq_len is {self.max_seq_len} (prompt + at least one "
-                "new token); shorten the prompt or raise max_seq_len"
-            )
+        prompt = self.validate(prompt_ids)
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (), generator=self._seed_rng))
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         seq = _Sequence(
@@ -166,6 +155,31 @@ class RolloutEngine:
         with self._lock:
             self._queue.append(seq)
         return seq.request_id
+
+    def validate(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt as a list of ints; raises InvalidRequestError when the engine cannot take it."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens but max_seq_len is {self.max_seq_len} (prompt + at least one "
+                "new token); shorten the prompt or raise max_seq_len"
+            )
+        return prompt
+
+    def abort_all(self) -> list[str]:
+        """Drop every queued and running request (cache slots are positional, so they are simply reused);
+        returns the dropped ids."""
+        with self._lock:
+            ids = [s.request_id for s in (*self._running, *self._queue)]
+            self._running.clear()
+            self._queue.clear()
+        return ids
 
     # ---- state ------------------------------------------------------------------------------
 

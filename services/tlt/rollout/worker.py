@@ -11,10 +11,13 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 
+from tlt import metrics as m
 from tlt.config import JobSpec
+from tlt.drafter.aggregator import DRAFTER_KIND, trainable_state
 from tlt.drafter.spot import SpotDrafterTrainer, SpotReport
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.drafter_io import copy_drafter_tensors
@@ -22,8 +25,12 @@ from tlt.models.loader import load_state_dict_from_hf
 from tlt.models.transformer import CausalLM
 from tlt.rollout.engine import RequestOutput, RolloutEngine
 from tlt.rollout.sampling import SamplingParams
+from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
+from tlt.store import ArtifactStore, VersionNotFoundError
 from tlt_operator.planner import DRAFTER, ROLLOUT, Role, WorkerProgress
+
+POLICY_KIND = "policy"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class RequestQueue:
         with self._lock:
             self._items.extendleft(reversed(requests))
 
+    def extend(self, requests: list[RolloutRequest]) -> None:
+        with self._lock:
+            self._items.extend(requests)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
@@ -74,22 +85,60 @@ def make_tuner(spec: JobSpec) -> BegMabTuner | None:
 
 @dataclass
 class RoleSpan:
-    """The worker held ``role`` (or was idle) from ``start`` to ``end`` (monotonic seconds)."""
+    """The worker held ``role`` (or was idle) from ``start`` to ``end`` (seconds since the step began)."""
 
     start: float
     end: float
     role: str
 
 
+@dataclass
+class WorkerStepSummary:
+    """What one worker did in one rollout step (returned by :meth:`RolloutWorker.run_rollout`)."""
+
+    spans: list[RoleSpan]
+    stats: SpecDecodeStats
+    drafter: list[SpotReport]
+    policy_version: int
+    drafter_version: int
+
+
+def add_stats(total: SpecDecodeStats, part: SpecDecodeStats) -> SpecDecodeStats:
+    """``total + part`` field by field (per-position counts aligned from position 0)."""
+    per_pos = [a + b for a, b in zip_longest(total.accepted_per_position, part.accepted_per_position, fillvalue=0)]
+    return SpecDecodeStats(
+        num_drafts=total.num_drafts + part.num_drafts, num_draft_tokens=total.num_draft_tokens + part.num_draft_tokens,
+        num_accepted_tokens=total.num_accepted_tokens + part.num_accepted_tokens, accepted_per_position=per_pos,
+        sd_seconds=total.sd_seconds + part.sd_seconds, plain_seconds=total.plain_seconds + part.plain_seconds,
+        sd_iterations=total.sd_iterations + part.sd_iterations,
+        plain_iterations=total.plain_iterations + part.plain_iterations)
+
+
+def sum_reports(reports: list[SpotReport]) -> SpotReport:
+    """One report for several drafter-role stints (the last known loss, preempted if any stint was)."""
+    losses = [r.last_loss for r in reports if r.last_loss is not None]
+    return SpotReport(steps=sum(r.steps for r in reports), tokens=sum(r.tokens for r in reports),
+                      pushes=sum(r.pushes for r in reports), seconds=sum(r.seconds for r in reports),
+                      last_loss=losses[-1] if losses else None, preempted=any(r.preempted for r in reports))
+
+
 class RolloutWorker:
-    """An in-process rollout worker. ``model`` is this worker's own policy copy; ``drafter`` (optional) its
-    inference drafter, bound to ``model``'s embedding."""
+    """A rollout worker: ``model`` is this worker's own policy copy; ``drafter`` (optional) its inference
+    drafter, bound to ``model``'s embedding. Policy and drafter versions are read from ``store``.
+
+    ``push_delta(worker, delta, tokens)`` hands drafter-training work to the aggregator (in process or
+    over gRPC); ``drafter_base()`` gives the (version, trainable weights) a drafter-role stint starts from
+    (default: the newest drafter version in the store).
+    """
 
     def __init__(self, name: str, model: CausalLM, spec: JobSpec, drafter: Eagle3Drafter | None,
-                 push_delta: Callable[[str, dict[str, torch.Tensor], int], None] | None = None) -> None:
+                 store: ArtifactStore,
+                 push_delta: Callable[[str, dict[str, torch.Tensor], int], None] | None = None,
+                 drafter_base: Callable[[], tuple[int, dict[str, torch.Tensor]]] | None = None) -> None:
         self.name = name
         self.model = model
         self.spec = spec
+        self.store = store
         tuner = make_tuner(spec) if drafter is not None else None
         self.engine = RolloutEngine(model, max_running=spec.rollout.max_running, seed=spec.seed,
                                     drafter=drafter if tuner is not None else None, tuner=tuner)
@@ -103,79 +152,165 @@ class RolloutWorker:
                 model, self.drafter, lambda delta, tokens: push_delta(name, delta, tokens), lr=d.lr,
                 batch_size=d.batch_size, push_every=d.push_every, ttt_steps=d.ttt_steps,
                 buffer_responses=d.buffer_responses, seed=spec.seed + zlib.crc32(name.encode()) % 10_000)
+        self._drafter_base = drafter_base or self._newest_drafter_in_store
         self._role: Role = ROLLOUT
         self._wake = threading.Event()
-        self.spot_reports: list[SpotReport] = []
-        self.spans: list[RoleSpan] = []
+        self._totals = SpecDecodeStats()  # finished steps; the running step's counters live in engine.stats
+        self._drafter_total: list[SpotReport] = []
+        self.activity = m.Stopwatch("idle")
 
     # ---- control (what the planner / controller call) ------------------------------------------
 
-    def load_policy(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a published policy (HF names) into this worker's model in place."""
-        load_state_dict_from_hf(self.model, tensors, f"policy v{version}")
+    def load_policy(self, version: int = -1) -> bool:
+        """Load policy ``version`` (-1: the newest) from the store into the model in place; False if held."""
+        version = self._resolve(POLICY_KIND, version)
+        if version == self.policy_version:
+            return False
+        load_state_dict_from_hf(self.model, self.store.load_tensors(POLICY_KIND, version), f"policy v{version}")
         self.policy_version = version
+        return True
 
-    def load_drafter(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a published EAGLE-3 drafter into the engine's drafter in place."""
+    def load_drafter(self, version: int = -1) -> bool:
+        """Load drafter ``version`` (-1: the newest) from the store into the engine's drafter in place."""
         if self.drafter is None:
-            return
-        copy_drafter_tensors(self.drafter, tensors, f"drafter v{version}")
+            return False
+        version = self._resolve(DRAFTER_KIND, version)
+        if version == self.drafter_version:
+            return False
+        copy_drafter_tensors(self.drafter, self.store.load_tensors(DRAFTER_KIND, version), f"drafter v{version}")
         self.drafter_version = version
+        return True
 
-    def set_role(self, role: Role) -> None:
-        self._role = role
+    def _resolve(self, kind: str, version: int) -> int:
+        if version >= 0:
+            return version
+        latest = self.store.latest(kind)
+        if latest is None:
+            raise VersionNotFoundError(f"no {kind} version in store {self.store}; publish one first")
+        return latest.version
+
+    def _newest_drafter_in_store(self) -> tuple[int, dict[str, torch.Tensor]]:
+        version = self._resolve(DRAFTER_KIND, -1)
+        base = self.drafter.copy_for(self.model).float()
+        copy_drafter_tensors(base, self.store.load_tensors(DRAFTER_KIND, version), f"drafter v{version}")
+        return version, trainable_state(base)
+
+    def set_role(self, role: Role) -> Role:
+        """Move the worker to ``role``; returns the previous role."""
+        previous, self._role = self._role, role
+        self._wake.set()
+        return previous
+
+    def wake(self) -> None:
         self._wake.set()
 
     @property
     def role(self) -> Role:
         return self._role
 
+    @property
+    def speculative(self) -> bool:
+        return self.engine.spec is not None
+
     def progress(self) -> WorkerProgress:
         snap = self.engine.progress()
         buffered = len(self.spot.buffer) if self.spot else 0
         return WorkerProgress(self.name, snap.running, snap.queued, snap.finished, buffered)
 
+    def live_stats(self) -> SpecDecodeStats:
+        """Speculative-decoding counters of the step in progress."""
+        return self.engine.stats
+
+    def tuner_state(self) -> dict | None:
+        return self.engine.tuner.export_state() if self.engine.tuner is not None else None
+
+    def load_tuner_state(self, state: dict | None) -> None:
+        if self.engine.tuner is not None and state:
+            self.engine.tuner.load_state(state)
+
+    def drafter_training_total(self) -> SpotReport:
+        return sum_reports(self._drafter_total)
+
     # ---- the step loop (run in the worker's own thread) ----------------------------------------
 
     def run_rollout(self, queue: RequestQueue, on_result: Callable[[RolloutRequest, RequestOutput], None],
-                    step_over: threading.Event, start_drafter_from: Callable[[], tuple[int, dict]] | None = None
-                    ) -> None:
+                    step_over: threading.Event) -> WorkerStepSummary:
         """Take requests while slots are free, decode, report results; in the drafter role (and only when
-        the engine is empty) train the drafter until the role or the step ends."""
+        the engine is empty) train the drafter until the role or the step ends. Requests still in the engine
+        when ``step_over`` is set (an aborted step) are dropped."""
+        self._totals = add_stats(self._totals, self.engine.stats)
+        self.engine.stats.__init__()
         taken: dict[str, RolloutRequest] = {}
-        self.spans = []
+        spans: list[RoleSpan] = []
+        reports: list[SpotReport] = []
         if self.spot is not None:
             self.spot.clear_buffer()
-        span_start, span_role = time.monotonic(), "rollout"
+        start = time.monotonic()
+        span_start, span_role = start, "rollout"
 
         def mark(role: str) -> None:
             nonlocal span_start, span_role
             if role != span_role:
                 now = time.monotonic()
-                self.spans.append(RoleSpan(span_start, now, span_role))
+                spans.append(RoleSpan(span_start - start, now - start, span_role))
                 span_start, span_role = now, role
+                self.activity.switch(role if role != "end" else "idle")
 
-        while not step_over.is_set():
-            if self._role == DRAFTER and self.spot is not None and not self.engine.has_work():
-                mark("drafter")
-                if start_drafter_from is not None:
-                    self.spot.start_from(start_drafter_from()[1])
-                report = self.spot.train(lambda: self._role != DRAFTER or step_over.is_set())
-                self.spot_reports.append(report)
-                continue
-            free = min(self.engine.max_running, queue.fair_share) - len(taken)
-            for request in queue.take(free) if free > 0 else []:
-                taken[request.request_id] = request
-                self.engine.submit(request.prompt_ids, request.params, request_id=request.request_id)
-            if self.engine.has_work():
-                mark("rollout")
-                for out in self.engine.step():
-                    request = taken.pop(out.request_id)
-                    if self.spot is not None:
-                        self.spot.add_response(out.prompt_ids, out.token_ids)
-                    on_result(request, out)
-            else:
-                mark("idle")
-                self._wake.wait(0.01)
-                self._wake.clear()
-        mark("end")
+        self.activity.switch("rollout")
+        try:
+            while not step_over.is_set():
+                if self._role == DRAFTER and self.spot is not None and not self.engine.has_work():
+                    mark("drafter")
+                    self.spot.start_from(self._drafter_base()[1])
+                    report = self.spot.train(lambda: self._role != DRAFTER or step_over.is_set())
+                    reports.append(report)
+                    self._drafter_total.append(report)
+                    continue
+                free = min(self.engine.max_running, queue.fair_share) - len(taken)
+                for request in queue.take(free) if free > 0 else []:
+                    taken[request.request_id] = request
+                    self.engine.submit(request.prompt_ids, request.params, request_id=request.request_id)
+                if self.engine.has_work():
+                    mark("rollout")
+                    for out in self.engine.step():
+                        request = taken.pop(out.request_id)
+                        if self.spot is not None:
+                            self.spot.add_response(out.prompt_ids, out.token_ids)
+                        on_result(request, out)
+                else:
+                    mark("idle")
+                    self._wake.wait(0.01)
+                    self._wake.clear()
+        finally:
+            mark("end")
+            self.engine.abort_all()
+        return WorkerStepSummary(spans, self.engine.stats, reports, self.policy_version, self.drafter_version)
+
+    # ---- metrics ----------------------------------------------------------------------------------
+
+    def metric_samples(self) -> list[m.Sample]:
+        """This worker's series for :class:`tlt.metrics.CallbackCollector` (read at scrape time)."""
+        w = {"worker": self.name}
+        snap = self.engine.progress()
+        stats = add_stats(self._totals, self.engine.stats)
+        spot = self.drafter_training_total()
+        out: list[m.Sample] = [
+            (m.ROLLOUT_REQUESTS_RUNNING, w, snap.running), (m.ROLLOUT_REQUESTS_QUEUED, w, snap.queued),
+            (m.ROLLOUT_REQUESTS_FINISHED, w, snap.finished), (m.ROLLOUT_GENERATED_TOKENS, w, snap.generated_tokens),
+            (m.ROLLOUT_BUFFERED_RESPONSES, w, len(self.spot.buffer) if self.spot else 0),
+            (m.ROLLOUT_POLICY_VERSION, w, self.policy_version), (m.ROLLOUT_DRAFTER_VERSION, w, self.drafter_version),
+            *m.one_hot(m.ROLLOUT_ROLE, self._role, (ROLLOUT, DRAFTER), **w),
+            *[(m.ROLLOUT_ROLE_SECONDS, {**w, "role": r}, s) for r, s in self.activity.totals().items()],
+            (m.ROLLOUT_SPEC_DECODE_NUM_DRAFTS, w, stats.num_drafts),
+            (m.ROLLOUT_SPEC_DECODE_NUM_DRAFT_TOKENS, w, stats.num_draft_tokens),
+            (m.ROLLOUT_SPEC_DECODE_NUM_ACCEPTED_TOKENS, w, stats.num_accepted_tokens),
+            *[(m.ROLLOUT_SPEC_DECODE_ACCEPTED_PER_POS, {**w, "position": str(i)}, n)
+              for i, n in enumerate(stats.accepted_per_position)],
+            (m.ROLLOUT_DECODE_SECONDS, {**w, "sd": "on"}, stats.sd_seconds),
+            (m.ROLLOUT_DECODE_SECONDS, {**w, "sd": "off"}, stats.plain_seconds),
+            (m.ROLLOUT_DECODE_ITERATIONS, {**w, "sd": "on"}, stats.sd_iterations),
+            (m.ROLLOUT_DECODE_ITERATIONS, {**w, "sd": "off"}, stats.plain_iterations),
+            (m.ROLLOUT_DRAFTER_TRAIN_STEPS, w, spot.steps), (m.ROLLOUT_DRAFTER_TRAIN_TOKENS, w, spot.tokens),
+            (m.ROLLOUT_DRAFTER_PUSHES, w, spot.pushes), (m.ROLLOUT_DRAFTER_LOSS, w, spot.last_loss),
+        ]
+        return out

@@ -1,0 +1,80 @@
+"""The controller's view of the job's services: rollout workers, the drafter aggregator and the policy
+trainer, either built in this process (``--inproc``) or reached over gRPC. Both give objects with the
+same methods, so the step loop does not know which it drives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlt.config import JobSpec
+from tlt.store import ArtifactStore
+
+
+@dataclass(frozen=True)
+class ServiceAddresses:
+    """Where the services listen (``host:port``)."""
+
+    rollout: tuple[str, ...]
+    drafter: str | None
+    trainer: str
+
+
+@dataclass
+class Services:
+    """Handles on the job's services; ``close()`` releases connections / in-process resources."""
+
+    workers: list
+    drafter: object | None  # DrafterAggregator or RemoteDrafter
+    trainer: object  # TrainerEndpoint or RemoteTrainer
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Services:
+    """Everything in this process: worker threads, the aggregator and the trainer share the store."""
+    from tlt.drafter.service import open_aggregator
+    from tlt.models.loader import load_model
+    from tlt.rollout.worker import RolloutWorker
+    from tlt.trainer.service import TrainerEndpoint
+
+    trainer = TrainerEndpoint(spec, model_dir, store)
+    aggregator = None
+    if spec.rollout.speculative.mode != "off":
+        aggregator = open_aggregator(spec, model_dir, trainer.trainer.model, store)
+    workers = []
+    for i in range(spec.rollout.workers):
+        model = load_model(model_dir, dtype=spec.model.dtype)
+        drafter = aggregator.drafter.copy_for(model).to(model.dtype).eval() if aggregator else None
+        workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, store,
+                                     push_delta=aggregator.push_delta if aggregator else None,
+                                     drafter_base=aggregator.base if aggregator else None))
+    return Services(workers, aggregator, trainer, [trainer.close])
+
+
+def connect(addresses: ServiceAddresses, timeout: float = 120.0) -> Services:
+    """gRPC handles on running services (waits until each reports SERVING)."""
+    from tlt.drafter.service import RemoteDrafter
+    from tlt.rollout.service import RemoteRolloutWorker
+    from tlt.rpc.client import wait_ready
+    from tlt.trainer.service import RemoteTrainer
+
+    trainer = RemoteTrainer(addresses.trainer)
+    wait_ready(trainer.channel, addresses.trainer, timeout)
+    drafter = None
+    if addresses.drafter:
+        drafter = RemoteDrafter(addresses.drafter)
+        wait_ready(drafter.channel, addresses.drafter, timeout)
+    workers = []
+    for address in addresses.rollout:
+        from tlt.rpc.client import open_channel
+
+        with open_channel(address) as channel:
+            wait_ready(channel, address, timeout)
+        workers.append(RemoteRolloutWorker(address))
+    handles = [trainer, *([drafter] if drafter else []), *workers]
+    return Services(workers, drafter, trainer, [h.close for h in handles])

@@ -1,0 +1,302 @@
+"""The rollout worker over gRPC: :class:`RolloutServicer` serves a :class:`RolloutWorker`, and
+:class:`RemoteRolloutWorker` is the controller's handle on one, with the same methods as the in-process
+worker (so the controller runs the same logic either way)."""
+
+from __future__ import annotations
+
+import json
+import queue as queue_mod
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from tlt.errors import InvalidRequestError
+from tlt.rollout.engine import RequestOutput
+from tlt.rollout.speculative import SpecDecodeStats
+from tlt.rollout.worker import (
+    RequestQueue,
+    RoleSpan,
+    RolloutRequest,
+    RolloutWorker,
+    WorkerStepSummary,
+    sum_reports,
+)
+from tlt.rpc import convert
+from tlt.rpc.client import call, open_channel
+from tlt.rpc.errors import ConflictError, from_grpc
+from tlt.rpc.server import ServicerBase, rpc_method
+from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
+from tlt_operator.planner import ROLLOUT, Role, WorkerProgress
+
+SERVICE_NAME = "tlt.v1.Rollout"
+_DONE = object()
+
+
+def request_from_proto(msg: rollout_pb2.GenerateRequest, worker: RolloutWorker) -> RolloutRequest:
+    """A validated request (the worker's engine checks the prompt; SamplingParams checks the rest)."""
+    if not msg.request_id:
+        raise InvalidRequestError("GenerateRequest.request_id is empty; give every request a unique id")
+    try:
+        prompt = worker.engine.validate(msg.prompt_ids)
+        params = convert.params_from_proto(msg.params)
+    except (InvalidRequestError, ValueError) as exc:
+        raise InvalidRequestError(f"request {msg.request_id}: {exc}") from None
+    return RolloutRequest(msg.request_id, prompt, params, msg.group)
+
+
+class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
+    """Serves one worker. One Generate stream (a rollout step) at a time."""
+
+    service_name = "rollout"
+
+    def __init__(self, worker: RolloutWorker, registry) -> None:
+        super().__init__(registry)
+        self.worker = worker
+        self._stream_lock = threading.Lock()
+
+    @rpc_method
+    def Generate(self, request_iterator, context) -> Iterator[rollout_pb2.GenerateEvent]:  # noqa: N802
+        if not self._stream_lock.acquire(blocking=False):
+            raise ConflictError(f"worker {self.worker.name} is already running a rollout step; "
+                                "one Generate stream at a time")
+        try:
+            yield from self._generate(request_iterator, context)
+        finally:
+            self._stream_lock.release()
+
+    def _generate(self, request_iterator, context) -> Iterator[rollout_pb2.GenerateEvent]:
+        inbox = RequestQueue()
+        inbox.fair_share = 1 << 30  # the client keeps at most the worker's free slots in flight
+        step_over = threading.Event()
+        events: queue_mod.Queue = queue_mod.Queue()
+        worker = self.worker
+
+        counts = {"accepted": 0, "completed": 0, "input_done": False}
+        lock = threading.Lock()
+
+        def finish_if_drained() -> None:
+            with lock:
+                if counts["input_done"] and counts["completed"] == counts["accepted"]:
+                    step_over.set()
+                    worker.wake()
+
+        def read() -> None:
+            try:
+                for msg in request_iterator:
+                    request = request_from_proto(msg, worker)
+                    with lock:
+                        counts["accepted"] += 1
+                    inbox.extend([request])
+                    worker.wake()
+                with lock:
+                    counts["input_done"] = True
+                finish_if_drained()
+            except Exception as exc:  # a bad request, or the client went away: abort the step
+                if context.is_active():
+                    events.put(exc)
+                step_over.set()
+                worker.wake()
+
+        def on_result(request: RolloutRequest, out: RequestOutput) -> None:
+            events.put(rollout_pb2.GenerateEvent(completion=rollout_pb2.Completion(
+                request_id=out.request_id, token_ids=out.token_ids, logprobs=out.logprobs,
+                finish_reason=out.finish_reason, group=request.group)))
+            with lock:
+                counts["completed"] += 1
+            finish_if_drained()
+
+        def run() -> None:
+            try:
+                events.put(summary_to_proto(worker.run_rollout(inbox, on_result, step_over)))
+            except Exception as exc:
+                step_over.set()
+                events.put(exc)
+            finally:
+                events.put(_DONE)
+
+        threading.Thread(target=read, name=f"{worker.name}-read", daemon=True).start()
+        threading.Thread(target=run, name=f"{worker.name}-run", daemon=True).start()
+        error = None
+        while (item := events.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                error = error or item
+                step_over.set()
+            elif error is None:
+                yield item
+        if error is not None:
+            raise error
+
+    @rpc_method
+    def SetRole(self, request, context):  # noqa: N802
+        role = convert.role_from_proto(request.role)
+        previous = self.worker.set_role(role)
+        return rollout_pb2.SetRoleResponse(role=request.role, previous=convert.ROLE_TO_PROTO[previous])
+
+    @rpc_method
+    def LoadPolicy(self, request, context):  # noqa: N802
+        return self._load(self.worker.load_policy, request.version, lambda: self.worker.policy_version)
+
+    @rpc_method
+    def LoadDrafter(self, request, context):  # noqa: N802
+        return self._load(self.worker.load_drafter, request.version, lambda: self.worker.drafter_version)
+
+    @staticmethod
+    def _load(load: Callable[[int], bool], version: int, current: Callable[[], int]):
+        import time
+
+        start = time.perf_counter()
+        loaded = load(version)
+        return rollout_pb2.LoadVersionResponse(version=current(), loaded=loaded,
+                                               seconds=time.perf_counter() - start)
+
+    @rpc_method
+    def Progress(self, request, context):  # noqa: N802
+        w = self.worker
+        p = w.progress()
+        return rollout_pb2.ProgressResponse(
+            name=w.name, role=convert.ROLE_TO_PROTO[w.role], running=p.running, queued=p.queued,
+            finished=p.finished, buffered_responses=p.buffered_responses, max_running=w.engine.max_running,
+            policy_version=w.policy_version, drafter_version=w.drafter_version,
+            stats=convert.stats_to_proto(w.live_stats()), speculative=w.speculative)
+
+    @rpc_method
+    def DrafterTraining(self, request, context):  # noqa: N802
+        w = self.worker
+        if request.HasField("load_tuner_state_json"):
+            try:
+                state = json.loads(request.load_tuner_state_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"load_tuner_state_json is not JSON: {exc}") from None
+            w.load_tuner_state(state)
+        state = w.tuner_state()
+        return rollout_pb2.DrafterTrainingResponse(
+            tuner_state_json=json.dumps(state) if state is not None else "", online_training=w.spot is not None,
+            total=convert.report_to_proto(w.drafter_training_total()))
+
+
+def summary_to_proto(s: WorkerStepSummary) -> rollout_pb2.GenerateEvent:
+    return rollout_pb2.GenerateEvent(summary=rollout_pb2.StepSummary(
+        spans=[rollout_pb2.RoleSpan(start_s=x.start, end_s=x.end, role=x.role) for x in s.spans],
+        stats=convert.stats_to_proto(s.stats), drafter=convert.report_to_proto(sum_reports(s.drafter)),
+        policy_version=s.policy_version, drafter_version=s.drafter_version))
+
+
+def summary_from_proto(msg: rollout_pb2.StepSummary) -> WorkerStepSummary:
+    reports = [convert.report_from_proto(msg.drafter)] if msg.drafter.steps or msg.drafter.pushes else []
+    return WorkerStepSummary([RoleSpan(x.start_s, x.end_s, x.role) for x in msg.spans],
+                             convert.stats_from_proto(msg.stats), reports, msg.policy_version, msg.drafter_version)
+
+
+class RemoteRolloutWorker:
+    """The controller's handle on a rollout worker served at ``address`` (same methods as RolloutWorker)."""
+
+    def __init__(self, address: str, timeout: float = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = open_channel(address)
+        self.stub = rollout_pb2_grpc.RolloutStub(self.channel)
+        self._last = self._progress_rpc()
+        self.name = self._last.name
+        self.max_running = self._last.max_running
+        self._role: Role = convert.ROLE_FROM_PROTO.get(self._last.role, ROLLOUT)
+
+    def _what(self, method: str) -> str:
+        return f"{method} on rollout worker at {self.address}"
+
+    def _progress_rpc(self) -> rollout_pb2.ProgressResponse:
+        return call(self.stub.Progress, rollout_pb2.ProgressRequest(), self._what("Progress"), self.timeout)
+
+    @property
+    def policy_version(self) -> int:
+        return self._last.policy_version
+
+    @property
+    def drafter_version(self) -> int:
+        return self._last.drafter_version
+
+    @property
+    def speculative(self) -> bool:
+        return self._last.speculative
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    def load_policy(self, version: int = -1) -> bool:
+        reply = call(self.stub.LoadPolicy, rollout_pb2.LoadVersionRequest(version=version),
+                     self._what("LoadPolicy"), self.timeout)
+        self._last.policy_version = reply.version
+        return reply.loaded
+
+    def load_drafter(self, version: int = -1) -> bool:
+        reply = call(self.stub.LoadDrafter, rollout_pb2.LoadVersionRequest(version=version),
+                     self._what("LoadDrafter"), self.timeout)
+        self._last.drafter_version = reply.version
+        return reply.loaded
+
+    def set_role(self, role: Role) -> Role:
+        reply = call(self.stub.SetRole, rollout_pb2.SetRoleRequest(role=convert.ROLE_TO_PROTO[role]),
+                     self._what("SetRole"), self.timeout)
+        self._role = role
+        return convert.ROLE_FROM_PROTO.get(reply.previous, ROLLOUT)
+
+    def progress(self) -> WorkerProgress:
+        self._last = self._progress_rpc()
+        p = self._last
+        return WorkerProgress(self.name, p.running, p.queued, p.finished, p.buffered_responses)
+
+    def live_stats(self) -> SpecDecodeStats:
+        return convert.stats_from_proto(self._last.stats)
+
+    def tuner_state(self) -> dict | None:
+        reply = call(self.stub.DrafterTraining, rollout_pb2.DrafterTrainingRequest(), self._what("DrafterTraining"),
+                     self.timeout)
+        return json.loads(reply.tuner_state_json) if reply.tuner_state_json else None
+
+    def load_tuner_state(self, state: dict | None) -> None:
+        if state:
+            call(self.stub.DrafterTraining, rollout_pb2.DrafterTrainingRequest(load_tuner_state_json=json.dumps(state)),
+                 self._what("DrafterTraining"), self.timeout)
+
+    def run_rollout(self, queue: RequestQueue, on_result: Callable[[RolloutRequest, RequestOutput], None],
+                    step_over: threading.Event) -> WorkerStepSummary:
+        """Stream requests to the worker while it has free slots (pull-based, like the in-process worker),
+        hand back results, and half-close when ``step_over`` is set."""
+        capacity = min(self.max_running, queue.fair_share)
+        in_flight: dict[str, RolloutRequest] = {}
+        slots = threading.Condition()
+
+        def requests() -> Iterator[rollout_pb2.GenerateRequest]:
+            while not step_over.is_set():
+                with slots:
+                    free = capacity - len(in_flight)
+                    batch = queue.take(free) if free > 0 else []
+                    for r in batch:
+                        in_flight[r.request_id] = r
+                    if not batch:
+                        slots.wait(0.02)
+                for r in batch:
+                    yield rollout_pb2.GenerateRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
+                                                      params=convert.params_to_proto(r.params), group=r.group)
+
+        summary = None
+        try:
+            for event in self.stub.Generate(requests()):
+                if event.HasField("summary"):
+                    summary = summary_from_proto(event.summary)
+                    continue
+                c = event.completion
+                with slots:
+                    request = in_flight.pop(c.request_id)
+                    slots.notify()
+                on_result(request, RequestOutput(c.request_id, request.prompt_ids, list(c.token_ids),
+                                                 list(c.logprobs), c.finish_reason))
+        except grpc.RpcError as exc:
+            raise from_grpc(exc, self._what("Generate")) from None
+        if summary is None:
+            raise from_grpc(grpc.RpcError(), self._what("Generate (stream ended without a summary)"))
+        return summary
+
+    def close(self) -> None:
+        self.channel.close()

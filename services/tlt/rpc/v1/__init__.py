@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the tlt.v1 contracts (see proto/tlt/v1)."""

@@ -1,0 +1,1 @@
+"""HTTP serving helpers shared by the TLT services: Prometheus metrics and Kubernetes probe endpoints."""

@@ -1,0 +1,186 @@
+"""The policy trainer as a service: :class:`TrainerEndpoint` (a trainer that can also publish its policy
+to the store), :class:`TrainerServicer` (it over gRPC) and :class:`RemoteTrainer` (the controller's handle,
+same methods as the endpoint)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors.torch import save as save_safetensors
+
+from tlt.config import JobSpec
+from tlt.errors import InvalidRequestError
+from tlt.models.loader import load_model
+from tlt.rpc import convert
+from tlt.rpc.client import call, open_channel
+from tlt.rpc.server import ServicerBase, rpc_method
+from tlt.rpc.v1 import trainer_pb2, trainer_pb2_grpc
+from tlt.store import ArtifactStore
+from tlt.trainer.policy import Sample, make_policy_trainer
+
+SERVICE_NAME = "tlt.v1.Trainer"
+POLICY_KIND = "policy"
+MAX_SAMPLES = 1_000_000
+
+
+class TrainerEndpoint:
+    """A GRPO trainer for ``spec`` that publishes policy versions (bf16 safetensors + config.json)."""
+
+    def __init__(self, spec: JobSpec, model_dir: Path, store: ArtifactStore) -> None:
+        self.store = store
+        self.model_dir = model_dir
+        self.trainer = make_policy_trainer(load_model(model_dir, dtype="float32"), spec.trainer.grpo,
+                                           workers=spec.trainer.workers)
+        self.workers = spec.trainer.workers
+        self.last_published = -1
+        self.last_metrics: dict[str, float] = {}
+        self.steps = 0
+        self.samples = 0
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = self.trainer.train_step(samples)
+        self.last_metrics = {**metrics, "step_seconds": time.perf_counter() - start}
+        self.steps += 1
+        self.samples += len(samples)
+        return metrics
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.trainer.step
+
+    def publish_policy(self, version: int) -> int:
+        """Publish the current weights as ``version``; returns the payload size in bytes."""
+        payload = save_safetensors(self.trainer.policy_state())
+        config = (self.model_dir / "config.json").read_bytes()
+        self.store.publish(POLICY_KIND, version, {"model.safetensors": payload, "config.json": config},
+                           metadata={"step": version})
+        self.last_published = version
+        return len(payload)
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        self.trainer.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        self.trainer.load_checkpoint(directory)
+
+    def close(self) -> None:
+        close = getattr(self.trainer, "close", None)
+        if close is not None:
+            close()
+
+
+class TrainerServicer(ServicerBase, trainer_pb2_grpc.TrainerServicer):
+    """Serves a TrainerEndpoint. Train steps are serialised (one batch at a time)."""
+
+    service_name = "trainer"
+
+    def __init__(self, endpoint: TrainerEndpoint, registry) -> None:
+        super().__init__(registry)
+        self.endpoint = endpoint
+        self._lock = threading.Lock()
+
+    @rpc_method
+    def TrainStep(self, request_iterator, context):  # noqa: N802
+        header, samples = None, []
+        for chunk in request_iterator:
+            if chunk.HasField("header"):
+                if header is not None:
+                    raise InvalidRequestError("TrainStep: a second header in one stream")
+                header = chunk.header
+                if not 0 < header.num_samples <= MAX_SAMPLES:
+                    raise InvalidRequestError(f"TrainStep: num_samples must be in [1, {MAX_SAMPLES}], "
+                                              f"got {header.num_samples}")
+            elif header is None:
+                raise InvalidRequestError("TrainStep: a sample before the header; send TrainStepHeader first")
+            else:
+                samples.append(convert.sample_from_proto(chunk.sample))
+        if header is None or len(samples) != header.num_samples:
+            raise InvalidRequestError(f"TrainStep: header announced {header.num_samples if header else '?'} "
+                                      f"samples, got {len(samples)}")
+        with self._lock:
+            metrics = self.endpoint.train_step(samples)
+        return trainer_pb2.TrainStepResponse(optimizer_steps=self.endpoint.optimizer_steps,
+                                             metrics={k: float(v) for k, v in metrics.items() if v is not None})
+
+    @rpc_method
+    def PublishPolicy(self, request, context):  # noqa: N802
+        if request.version < 0:
+            raise InvalidRequestError(f"PublishPolicy: version must be >= 0, got {request.version}")
+        start = time.perf_counter()
+        with self._lock:
+            size = self.endpoint.publish_policy(request.version)
+        return trainer_pb2.PublishPolicyResponse(version=request.version, size_bytes=size,
+                                                 seconds=time.perf_counter() - start)
+
+    @rpc_method
+    def SaveCheckpoint(self, request, context):  # noqa: N802
+        with self._lock:
+            self.endpoint.save_checkpoint(_directory(request.directory))
+        return trainer_pb2.CheckpointResponse(directory=request.directory)
+
+    @rpc_method
+    def LoadCheckpoint(self, request, context):  # noqa: N802
+        with self._lock:
+            self.endpoint.load_checkpoint(_directory(request.directory))
+        return trainer_pb2.CheckpointResponse(directory=request.directory)
+
+    @rpc_method
+    def Status(self, request, context):  # noqa: N802
+        e = self.endpoint
+        return trainer_pb2.TrainerStatusResponse(optimizer_steps=e.optimizer_steps,
+                                                 last_published_version=e.last_published, workers=e.workers)
+
+
+def _directory(value: str) -> Path:
+    if not value:
+        raise InvalidRequestError("CheckpointRequest.directory is empty; give a directory on the trainer's disk")
+    return Path(value)
+
+
+class RemoteTrainer:
+    """The controller's handle on a trainer service (same methods as TrainerEndpoint)."""
+
+    def __init__(self, address: str, timeout: float = 600.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = open_channel(address)
+        self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
+
+    def _what(self, method: str) -> str:
+        return f"{method} on trainer service at {self.address}"
+
+    def train_step(self, samples: list[Sample], step: int = 0) -> dict[str, float]:
+        def stream() -> Iterator[trainer_pb2.TrainStepChunk]:
+            yield trainer_pb2.TrainStepChunk(header=trainer_pb2.TrainStepHeader(step=step, num_samples=len(samples)))
+            for s in samples:
+                yield trainer_pb2.TrainStepChunk(sample=convert.sample_to_proto(s))
+
+        reply = call(self.stub.TrainStep, stream(), self._what("TrainStep"), self.timeout)
+        return dict(reply.metrics)
+
+    def publish_policy(self, version: int) -> int:
+        reply = call(self.stub.PublishPolicy, trainer_pb2.PublishPolicyRequest(version=version),
+                     self._what("PublishPolicy"), self.timeout)
+        return reply.size_bytes
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        call(self.stub.SaveCheckpoint, trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())),
+             self._what("SaveCheckpoint"), self.timeout)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        call(self.stub.LoadCheckpoint, trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())),
+             self._what("LoadCheckpoint"), self.timeout)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return call(self.stub.Status, trainer_pb2.TrainerStatusRequest(), self._what("Status"), 30).optimizer_steps
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+
