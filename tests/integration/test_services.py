@@ -185,3 +185,63 @@ def test_serve_rejects_a_bad_service_name():
     out = subprocess.run([sys.executable, "-m", "tlt.cli", "serve", "nonsense"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def _service_pids(run_dir):
+    return [json.loads(p.read_text())["pid"] for p in (run_dir / "services").glob("*.port")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose (its parent has not reaped it yet)
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def _start_run(run_dir, *extra):
+    args = [f"--set={k}={v}" for k, v in {**TINY_JOB, "steps": 50, "data.heldout": 4, **dict(extra)}.items()]
+    return subprocess.Popen([sys.executable, "-m", "tlt.cli", "run", *args, "--output-dir", str(run_dir),
+                             "--no-progress", "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(run_dir, proc, n=1, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    log = run_dir / "steps.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        if log.is_file() and len(_steps(run_dir)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run made no progress")
+
+
+@pytest.mark.usefixtures("demo_drafter_dir")
+def test_ctrl_c_tears_the_services_down(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_run(run_dir)
+    _wait_for_steps(run_dir, proc)
+    pids = _service_pids(run_dir)
+    assert len(pids) == 4 and all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+    assert proc.returncode == 130
+    assert not [p for p in pids if _alive(p)]
+
+
+@pytest.mark.usefixtures("demo_drafter_dir")
+def test_a_dead_worker_fails_the_run_clearly_and_the_rest_is_torn_down(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_run(run_dir)
+    _wait_for_steps(run_dir, proc)
+    worker = json.loads((run_dir / "services" / "rollout-1.port").read_text())["pid"]
+    others = [p for p in _service_pids(run_dir) if p != worker]
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "rollout worker at 127.0.0.1:" in err and "Traceback" not in err
+    assert not [p for p in others if _alive(p)]

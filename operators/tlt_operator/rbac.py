@@ -1,0 +1,160 @@
+"""The operator's Kubernetes permissions: the one list the Helm chart's RBAC and the operator's tests share.
+
+:data:`OPERATOR_RBAC_RULES` is the source of truth. ``python -m tlt_operator.rbac --out
+deploy/helm/tlt/files/operator-rbac.yaml`` writes it as data that the chart's ``templates/rbac.yaml`` turns
+into (Cluster)Roles, so the chart never repeats a rule by hand; a test checks that the committed file is
+current and that the rendered chart grants exactly these rules.
+
+Least privilege: the operator reads and patches RLJobs (kopf adds finalizers and writes ``status`` through
+the subresource), patches role labels on rollout pods, owns the children it creates (ConfigMap, Services,
+StatefulSet, Deployments, controller Job) and posts Events. kopf itself lists and watches CRDs (to find
+its resources and the peering kind) and namespaces (cluster-wide mode), and patches its peering objects
+when peering is enabled (``operator.peering.enabled``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+
+class Rule(NamedTuple):
+    """One permission: ``verbs`` on ``resource`` (may be a subresource, ``rljobs/status``) in ``api_group``."""
+
+    api_group: str
+    resource: str
+    verbs: tuple[str, ...]
+
+
+_READ = ("get", "list", "watch")
+_OWN = ("get", "list", "watch", "create", "patch", "delete")
+
+OPERATOR_RBAC_RULES: tuple[Rule, ...] = (
+    # The custom resource: kopf patches finalizers/annotations and writes status via the subresource;
+    # rljobs/finalizers lets children carry ownerReferences with blockOwnerDeletion.
+    Rule("tlt.dev", "rljobs", ("get", "list", "watch", "patch", "update")),
+    Rule("tlt.dev", "rljobs/status", ("get", "patch", "update")),
+    Rule("tlt.dev", "rljobs/finalizers", ("update",)),
+    # Rollout pods: read IPs and phases, patch the tlt.dev/role label.
+    Rule("", "pods", ("get", "list", "watch", "patch")),
+    # Children owned by an RLJob.
+    Rule("", "configmaps", _OWN),
+    Rule("", "services", _OWN),
+    Rule("apps", "statefulsets", _OWN),
+    Rule("apps", "deployments", _OWN),
+    Rule("batch", "jobs", _OWN),
+    # Events on RLJobs (RoleChanged, ...), both APIs kopf and the kubernetes client may use.
+    Rule("", "events", ("create", "patch")),
+    Rule("events.k8s.io", "events", ("create", "patch")),
+    # kopf: resource scanning and cluster-wide namespace discovery.
+    Rule("", "namespaces", ("list", "watch")),
+    Rule("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
+    # kopf peering (only granted when the chart enables peering).
+    Rule("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
+    Rule("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
+)
+
+#: (api_group, resource) pairs that are cluster-scoped: granted by a ClusterRole + ClusterRoleBinding even
+#: when the operator watches only some namespaces.
+CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset({
+    ("", "namespaces"),
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("kopf.dev", "clusterkopfpeerings"),
+})
+
+#: (api_group, resource) pairs needed only with kopf peering.
+PEERING: frozenset[tuple[str, str]] = frozenset({
+    ("kopf.dev", "clusterkopfpeerings"),
+    ("kopf.dev", "kopfpeerings"),
+})
+
+CHART_RULES_FILE = "files/operator-rbac.yaml"
+
+
+def rules(*, peering: bool = False, cluster_scoped: bool | None = None) -> tuple[Rule, ...]:
+    """The rules in force: without peering the kopf peering rules are left out; ``cluster_scoped`` selects
+    only the cluster-scoped (True) or only the namespaced (False) ones."""
+    out = []
+    for rule in OPERATOR_RBAC_RULES:
+        key = (rule.api_group, rule.resource)
+        if key in PEERING and not peering:
+            continue
+        if cluster_scoped is not None and (key in CLUSTER_SCOPED) != cluster_scoped:
+            continue
+        out.append(rule)
+    return tuple(out)
+
+
+def allows(api_group: str, resource: str, verb: str, *, peering: bool = False) -> bool:
+    """Whether the operator's RBAC grants ``verb`` on ``resource`` (``"pods"``, ``"rljobs/status"``) in
+    ``api_group`` (``""`` for the core API); operator tests check every API call they make with this."""
+    return any(r.api_group == api_group and r.resource == resource and verb in r.verbs
+               for r in rules(peering=peering))
+
+
+def policy_rules(selected: Iterable[Rule]) -> list[dict[str, list[str]]]:
+    """Kubernetes PolicyRules: resources of one API group with identical verbs share a rule."""
+    merged: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for rule in selected:
+        merged.setdefault((rule.api_group, rule.verbs), []).append(rule.resource)
+    return [{"apiGroups": [group], "resources": resources, "verbs": list(verbs)}
+            for (group, verbs), resources in merged.items()]
+
+
+def expand_policy_rules(policy: Iterable[dict]) -> set[tuple[str, str, str]]:
+    """The inverse of :func:`policy_rules`, flattened to ``(api_group, resource, verb)`` triples."""
+    return {(group, resource, verb)
+            for rule in policy
+            for group in rule.get("apiGroups", [])
+            for resource in rule.get("resources", [])
+            for verb in rule.get("verbs", [])}
+
+
+def chart_rules_document() -> dict[str, list[dict[str, list[str]]]]:
+    """What ``templates/rbac.yaml`` reads: PolicyRules split by scope and by whether peering is on."""
+    def select(cluster: bool, peer: bool) -> list[dict[str, list[str]]]:
+        return policy_rules(r for r in rules(peering=True, cluster_scoped=cluster)
+                            if ((r.api_group, r.resource) in PEERING) == peer)
+
+    return {
+        "namespaced": select(cluster=False, peer=False),
+        "cluster": select(cluster=True, peer=False),
+        "peeringNamespaced": select(cluster=False, peer=True),
+        "peeringCluster": select(cluster=True, peer=True),
+    }
+
+
+def render_chart_rules() -> str:
+    header = ("# Generated from tlt_operator.rbac.OPERATOR_RBAC_RULES by\n"
+              f"#   python -m tlt_operator.rbac --out deploy/helm/tlt/{CHART_RULES_FILE}\n"
+              "# Do not edit by hand; templates/rbac.yaml turns these into (Cluster)Roles.\n")
+    return header + yaml.safe_dump(chart_rules_document(), sort_keys=False, default_flow_style=None, width=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tlt_operator.rbac", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="-", help="file to write (default: stdout)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if --out differs from the generated text")
+    args = parser.parse_args(argv)
+    text = render_chart_rules()
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"{out} is out of date: run python -m tlt_operator.rbac --out {out}", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
