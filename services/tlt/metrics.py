@@ -96,7 +96,6 @@ CONTROLLER_ACCEPTANCE_LENGTH = _d("tlt_controller_acceptance_length", "gauge",
                                   "Acceptance length of the last step (all workers)")
 CONTROLLER_POLICY_VERSION = _d("tlt_controller_policy_version", "gauge", "Policy version of the current step")
 CONTROLLER_DRAFTER_VERSION = _d("tlt_controller_drafter_version", "gauge", "Drafter version of the current step")
-CONTROLLER_RESPONSE_TOKENS = _d("tlt_controller_response_tokens", "histogram", "Response lengths (tokens)")
 
 # ---- gRPC servers (every service) -------------------------------------------------------------
 RPC_HANDLED = _d("tlt_rpc_server_handled", "counter", "RPCs completed, by status code", "service", "method", "code")
