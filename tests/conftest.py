@@ -55,3 +55,18 @@ def hf_model_dir(request, tmp_path_factory) -> Path:
 def peaky_model_dir(tmp_path_factory) -> Path:
     """A Qwen2 GQA model with large init so greedy argmax has clear margins (no fp ties)."""
     return _save_random(tmp_path_factory.mktemp("peaky"), "qwen2", 0.2, num_attention_heads=4, num_key_value_heads=2)
+
+
+# The demo model and drafter (built by the README's install step, cached under TLT_HOME).
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    from tlt.models.demo import ensure_demo_model
+
+    return Path(ensure_demo_model())
+
+
+@pytest.fixture(scope="session")
+def demo_drafter_dir(demo_model_dir) -> Path:
+    from tlt.drafter.warmup import ensure_demo_drafter
+
+    return Path(ensure_demo_drafter(demo_model_dir))

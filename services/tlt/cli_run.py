@@ -128,6 +128,7 @@ def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
 
     resolve_model_dir(spec)  # bad paths fail here, before any service process starts
     load_prompt_sets(spec)
+    supervisor = None
     with ExitStack() as stack:
         if args.inproc:
             addresses = None
@@ -136,8 +137,11 @@ def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
         else:
             from tlt.serving.launcher import LocalServices
 
-            addresses = stack.enter_context(LocalServices(spec))
-        controller = Controller(spec, on_event=on_event, services=addresses, move_roles=args.planner == "controller")
+            local = LocalServices(spec)
+            addresses = stack.enter_context(local)
+            supervisor = local.revive
+        controller = Controller(spec, on_event=on_event, services=addresses, move_roles=args.planner == "controller",
+                                supervisor=supervisor)
         stack.callback(controller.close)
         if args.metrics_port is not None:
             from prometheus_client import CollectorRegistry
@@ -156,6 +160,8 @@ def _print_steps(event: dict) -> None:
 
     if event["event"] == "step_end":
         print(ProgressDisplay.step_line(event["record"]), flush=True)
+    elif event["event"] in ("worker_failed", "worker_down"):
+        print(ProgressDisplay.worker_line(event), flush=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -12,35 +12,51 @@ invisible (and removed by :meth:`ArtifactStore.gc` once stale). On a local files
 written to a hidden staging directory and renamed into place, and LATEST is replaced via a temp file
 and ``os.replace``; the commit (existence check, rename, LATEST update) holds an ``flock`` on
 ``<kind>/.lock``, so concurrent publishers, threads or processes, always leave LATEST at the highest
-version. On object stores files are written first and the manifest last (single-object PUTs are
-atomic); there LATEST is guarded only within one process, so give each kind a single publisher.
+version. Object stores have no rename: there the files are written under the version's prefix first,
+the manifest last (single-object PUTs are atomic), then LATEST. Cross-process locks exist only on local
+disks: on S3 each kind must have a single writer (the trainer publishes policies, the drafter service
+drafters); within one process LATEST is still guarded by a lock.
 
-Every read is verified against the manifest (size and sha256). Only safetensors and text formats are
-accepted: nothing from the store is ever unpickled.
+S3 (``s3://bucket/prefix``, see :mod:`tlt.store_s3`): credentials from ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, region from ``AWS_DEFAULT_REGION``, a custom
+(MinIO-compatible) endpoint from ``storage_options={"endpoint_url": ...}`` or ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``. Large files go up as concurrent 16 MiB multipart parts and come back in 64 MiB
+ranged GETs; the store never creates buckets.
+
+Every read is verified against the manifest (size and sha256); hashing runs on a helper thread so it
+overlaps the I/O, and every byte is read once. Only safetensors and text formats are accepted: nothing
+from the store is ever unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 import posixpath
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tlt import store_s3
 from tlt.errors import TLTError
 
 try:
@@ -59,8 +75,13 @@ ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".yaml", ".jsonl")
 MAX_VERSION = 10**8 - 1
 _KIND = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
-_CHUNK = 8 << 20
+_CHUNK = 1 << 20  # local read/write size (cache-sized: read, hashed and written while hot); S3: BLOCK_SIZE
+_THREADED_HASH_MIN = 256 << 10  # chunks at least this large are hashed on a helper thread
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+           "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class StoreError(TLTError):
@@ -134,34 +155,170 @@ def _check_name(label: str, name: str) -> None:
                          "files only (safetensors only, no pickle): save weights with safetensors.torch.save_file")
 
 
-def _open_source(label: str, name: str, value: bytes | Path) -> BinaryIO:
+Source = memoryview | BinaryIO  # what publish streams from: the caller's bytes (no copy) or an open file
+
+
+@contextlib.contextmanager
+def _source(label: str, name: str, value: bytes | Path) -> Iterator[Source]:
+    """The bytes to publish as ``name``: a view of the caller's bytes, or the opened file."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return io.BytesIO(value)
+        yield memoryview(value).cast("B")
+        return
     if not isinstance(value, os.PathLike):
         raise StoreError(f"publish {label}: {name!r} must be bytes or a pathlib.Path, got {type(value).__name__} "
                          "(encode text with .encode())")
     try:
-        return open(value, "rb")  # returned into the caller's with-block
+        handle = open(value, "rb", buffering=0)  # noqa: SIM115 - closed by the with-block below
     except OSError as exc:
         raise StoreError(f"publish {label}: cannot read the source of {name!r}: {exc}") from None
+    with handle:
+        yield handle
 
 
-def _copy(src: BinaryIO, dst: BinaryIO | None = None) -> FileEntry:
-    """Stream ``src`` (into ``dst`` if given) and return its size and sha256."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := src.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-        if dst is not None:
-            dst.write(chunk)
-    return FileEntry(digest.hexdigest(), size)
+def _signature(src: Source) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a source file, to notice one rewritten while it is published."""
+    if isinstance(src, memoryview):
+        return None
+    st = os.fstat(src.fileno())
+    return st.st_size, st.st_mtime_ns
 
 
-def _check_safetensors(label: str, name: str, src: BinaryIO) -> None:
+def _size_hint(src: BinaryIO) -> int | None:
+    """Bytes left in ``src`` if cheaply known (sizes the copy buffers of small files)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        if isinstance(src, io.BytesIO):
+            with src.getbuffer() as view:
+                return view.nbytes - src.tell()
+        size = getattr(src, "size", None)
+        if isinstance(size, int):
+            return size - src.tell()
+        return os.fstat(src.fileno()).st_size - src.tell()
+    return None
+
+
+class _Hasher:
+    """Running sha256 and size of a stream. Large chunks are hashed on a helper thread (hashlib releases
+    the GIL), so hashing overlaps the reads and writes instead of adding to them."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+
+    def update(self, view: memoryview | bytes) -> Future[None] | None:
+        """Hash ``view`` after everything before it; the returned future completes when it is hashed (the
+        caller must not reuse the buffer before); None if hashed already."""
+        self.size += len(view)
+        if len(view) < _THREADED_HASH_MIN:
+            self._drain()
+            self._sha.update(view)
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlt-sha256")
+        self._last = self._pool.submit(self._sha.update, view)
+        return self._last
+
+    def _drain(self) -> None:
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+
+    def entry(self) -> FileEntry:
+        self._drain()
+        return FileEntry(self._sha.hexdigest(), self.size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _stream(src: Source, write: Callable[[memoryview], Any] | None = None, chunk: int | None = None) -> FileEntry:
+    """Stream ``src`` (into ``write`` if given) and return its size and sha256; every byte is read once.
+
+    Two buffers alternate, so chunk i is hashed (helper thread) while it is written and chunk i+1 read.
+    """
+    chunk = chunk or _CHUNK
+    hasher = _Hasher()
+    try:
+        if isinstance(src, memoryview):
+            for start in range(0, len(src), chunk):
+                view = src[start:start + chunk]
+                hasher.update(view)
+                if write is not None:
+                    write(view)
+            return hasher.entry()
+        hint = _size_hint(src)
+        length = chunk if hint is None else max(1, min(chunk, hint + 1))
+        buffers: list[memoryview] = []
+        pending: list[Future[None] | None] = [None, None]
+        for i in itertools.count():
+            slot = i & 1
+            if len(buffers) <= slot:
+                buffers.append(memoryview(bytearray(length)))
+            if (busy := pending[slot]) is not None:
+                busy.result()  # its previous chunk is hashed: the buffer may be reused
+            n = src.readinto(buffers[slot])
+            if not n:
+                break
+            view = buffers[slot][:n]
+            pending[slot] = hasher.update(view)
+            if write is not None:
+                write(view)
+        return hasher.entry()
+    finally:
+        hasher.close()
+
+
+def _writer(raw: BinaryIO) -> Callable[[memoryview], None]:
+    """``write`` for an unbuffered file: all of each chunk, straight from the caller's buffer."""
+
+    def write(view: memoryview) -> None:
+        while view:
+            view = view[raw.write(view):]
+
+    return write
+
+
+def _read_exact(src: BinaryIO, size: int, chunk: int) -> tuple[torch.Tensor, FileEntry]:
+    """Read ``src`` into one uninitialised uint8 tensor of ``size`` bytes, hashing as it arrives.
+
+    The entry covers everything ``src`` holds, also past ``size`` (a longer file is damaged).
+    """
+    import torch
+
+    flat = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(flat.numpy()).cast("B")
+    hasher = _Hasher()
+    try:
+        pos = 0
+        while pos < size:
+            n = src.readinto(view[pos:pos + chunk])
+            if not n:
+                break
+            hasher.update(view[pos:pos + n])
+            pos += n
+        if pos == size:
+            scratch = memoryview(bytearray(1 << 20))
+            while n := src.readinto(scratch):
+                hasher.update(bytes(scratch[:n]))
+        return flat, hasher.entry()
+    finally:
+        hasher.close()
+
+
+def _check_safetensors(label: str, name: str, src: Source) -> None:
     """Refuse a ``.safetensors`` file whose header is not a safetensors header (e.g. a renamed pickle)."""
-    head = src.read(8)
-    length = int.from_bytes(head, "little") if len(head) == 8 else -1
-    body = src.read(length) if 0 < length <= _MAX_SAFETENSORS_HEADER else b""
+    if isinstance(src, memoryview):
+        head = bytes(src[:8])
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        body = bytes(src[8:8 + length]) if 0 < length <= _MAX_SAFETENSORS_HEADER else b""
+    else:
+        head = src.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        body = src.read(length) if 0 < length <= _MAX_SAFETENSORS_HEADER else b""
+        src.seek(0)
     try:
         ok = len(body) == length and isinstance(json.loads(body), dict)
     except ValueError:
@@ -171,10 +328,93 @@ def _check_safetensors(label: str, name: str, src: BinaryIO) -> None:
                          "with safetensors.torch.save_file (safetensors only, no pickle)")
 
 
+def _tensors_from_buffer(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in the uint8 tensor ``flat``, as views into it (no copy).
+
+    Validates like safetensors itself: known dtypes, sizes matching shapes, data contiguous and covering
+    the buffer exactly. Raises ``ValueError`` on any malformation.
+    """
+    import torch
+
+    total = flat.numel()
+    raw = flat.numpy()
+    n = int.from_bytes(bytes(raw[:8]), "little") if total >= 8 else -1
+    if not 0 < n <= min(_MAX_SAFETENSORS_HEADER, total - 8):
+        raise ValueError(f"header length {n} does not fit the file's {total} bytes")
+    try:
+        header = json.loads(bytes(raw[8:8 + n]))
+    except ValueError as exc:
+        raise ValueError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    base, size = 8 + n, total - 8 - n
+    tensors, spans = {}, []
+    for key, info in header.items():
+        try:
+            dtype = getattr(torch, _DTYPES[info["dtype"]])
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(f"tensor {key!r} has a malformed or unsupported entry {info!r}") from None
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or \
+                end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {key!r}: offsets {begin}..{end} do not fit its shape {shape} "
+                             f"{info['dtype']} or the {size} data bytes")
+        spans.append((begin, end))
+        if begin == end:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        part = flat[base + begin:base + end]
+        if (base + begin) % dtype.itemsize:
+            part = part.clone()  # unaligned (unusual writer): copy this tensor
+        tensors[key] = part.view(dtype).view(shape)
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise ValueError(f"tensor data overlaps or leaves a gap at byte {pos}")
+        pos = end
+    if pos != size:
+        raise ValueError(f"{size - pos} bytes after the last tensor")
+    if sys.byteorder == "big":  # pragma: no cover - safetensors is little-endian
+        tensors = {k: torch.from_numpy(t.numpy().byteswap()) for k, t in tensors.items()}
+    return tensors
+
+
 def _mismatch(where: str, expected: FileEntry, got: FileEntry) -> StoreIntegrityError:
     return StoreIntegrityError(
         f"{where}: sha256 {got.sha256} ({got.size} bytes) does not match the manifest's {expected.sha256} "
         f"({expected.size} bytes); the stored copy is damaged: restore the file or publish a new version")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _disk_full(path: Path, need: int | None, fix: str) -> str:
+    """Why a write under ``path`` ran out of space, with the numbers."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{_human(shutil.disk_usage(probe).free)} free"
+    except OSError:
+        free = "free space unknown"
+    needed = f"{_human(need)} needed" if need is not None else "size unknown"
+    return f"the disk holding {path} is full ({needed}, {free}); {fix}"
+
+
+def _source_size(value: Any) -> int | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return memoryview(value).nbytes
+    with contextlib.suppress(OSError, TypeError):
+        return os.stat(value).st_size
+    return None
 
 
 def _timestamp(info: Mapping[str, Any]) -> float | None:
@@ -198,12 +438,33 @@ def _holds(dest: Path, manifest: Manifest) -> bool:
         if (local.kind, local.version, local.files) != (manifest.kind, manifest.version, manifest.files):
             return False
         for name, entry in manifest.files.items():
-            with open(dest / name, "rb") as f:
-                if _copy(f) != entry:
+            with open(dest / name, "rb", buffering=0) as f:
+                if _stream(f) != entry:
                     return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return True
+
+
+def _guarded(method: _F) -> _F:
+    """On S3: check the bucket before the first operation and turn S3 failures into clear StoreErrors."""
+
+    @functools.wraps(method)
+    def wrapper(self: ArtifactStore, *args: Any, **kwargs: Any) -> Any:
+        if self._s3 is None:
+            return method(self, *args, **kwargs)
+        try:
+            self._s3.ensure_bucket(self.fs)
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as exc:
+            error = self._s3.translate(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---- the store -------------------------------------------------------------------------------------
@@ -212,18 +473,24 @@ def _holds(dest: Path, manifest: Manifest) -> bool:
 class ArtifactStore:
     """A versioned artifact store rooted at ``uri`` (a local path or any fsspec URL).
 
-    ``storage_options`` go to :func:`fsspec.core.url_to_fs`, e.g. ``{"endpoint_url": ...}`` for S3.
+    ``storage_options`` go to :func:`fsspec.core.url_to_fs`, e.g. ``{"endpoint_url": ...}`` for S3
+    (where they are completed from the AWS_* environment, see :mod:`tlt.store_s3`).
     """
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = str(uri)
+        options, endpoint = dict(storage_options or {}), ""
+        if store_s3.is_s3(self.uri):
+            options, endpoint = store_s3.storage_options(options)
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+            self.fs, root = fsspec.core.url_to_fs(self.uri, **options)
         except (ImportError, ValueError) as exc:
             raise StoreError(f"store uri {self.uri!r} cannot be opened: {exc} (install the fsspec backend "
                              "for its protocol, e.g. s3fs for s3://)") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.normpath(root) if self.local else root.rstrip("/")
+        self._s3 = store_s3.S3Target(self.uri, self.root, endpoint, StoreError) if store_s3.is_s3(self.uri) else None
+        self._chunk = store_s3.BLOCK_SIZE if self._s3 is not None else 0  # 0: _CHUNK
         self._thread_lock = threading.Lock()
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -231,7 +498,7 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({self.uri!r})"
 
-    # ---- paths and locking ----------------------------------------------------------------------
+    # ---- paths, files and locking ---------------------------------------------------------------
 
     def _kind_dir(self, kind: str) -> str:
         _check_kind(kind)
@@ -240,6 +507,30 @@ class ArtifactStore:
     def _version_dir(self, kind: str, version: int) -> str:
         _check_version(version)
         return f"{self._kind_dir(kind)}/v{version:08d}"
+
+    def _open_read(self, path: str) -> BinaryIO:
+        if self.local:
+            return open(path, "rb", buffering=0)
+        if self._s3 is not None:  # no read-ahead cache: every read is one ranged GET of the requested size
+            return self.fs.open(path, "rb", block_size=self._chunk, cache_type="none")
+        return self.fs.open(path, "rb")
+
+    def _open_write(self, path: str) -> BinaryIO:
+        """A remote file for writing (on S3 a multipart upload of BLOCK_SIZE parts once it is that large)."""
+        if self._s3 is None:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # never on S3: s3fs would create buckets
+            return self.fs.open(path, "wb")
+        return store_s3.MultipartWriter(self.fs, path)  # type: ignore[return-value]
+
+    def _failure(self, what: str, exc: BaseException, where: Path | None = None, need: int | None = None,
+                 fix: str = "") -> StoreError:
+        """A StoreError for ``what`` failing with ``exc``: S3 failures explained, a full disk with its numbers."""
+        if self._s3 is not None and (error := self._s3.translate(exc)) is not None:
+            return error
+        message = f"{what} failed: {exc}"
+        if where is not None and isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            message += f"; {_disk_full(where, need, fix)}"
+        return StoreError(message)
 
     @contextlib.contextmanager
     def _lock(self, kind: str) -> Iterator[None]:
@@ -256,61 +547,69 @@ class ArtifactStore:
 
     # ---- publish ------------------------------------------------------------------------------
 
+    @_guarded
     def publish(self, kind: str, version: int, files: Mapping[str, bytes | Path],
                 metadata: dict[str, Any] | None = None) -> Manifest:
         """Publish ``files`` (name -> bytes or a local Path) as ``kind`` version ``version``.
 
         LATEST moves to ``version`` if it is higher than the current one. Re-publishing identical
         content returns the existing manifest; different content raises :class:`VersionExistsError`.
+        Every file is read once: hashed while it is written.
         """
-        target = self._version_dir(kind, version)
+        self._version_dir(kind, version)  # validates kind and version first
         label = f"{kind} v{version}"
         if not files:
             raise StoreError(f"publish {label}: no files given")
-        entries: dict[str, FileEntry] = {}
-        for name, value in files.items():
+        for name in files:
             _check_name(label, name)
-            with _open_source(label, name, value) as src:
-                if name.lower().endswith(".safetensors"):
-                    _check_safetensors(label, name, src)
-                    src.seek(0)
-                entries[name] = _copy(src)
-        manifest = Manifest(kind, version, entries, dict(metadata or {}), time.time())
+        metadata = dict(metadata or {})
         try:
-            manifest_bytes = manifest.to_json().encode()
+            json.dumps(metadata)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"publish {label}: metadata is not JSON-serializable ({exc}); use plain "
                              "str/int/float/bool/list/dict values") from None
+        for name, value in files.items():
+            with _source(label, name, value) as src:
+                if name.lower().endswith(".safetensors"):
+                    _check_safetensors(label, name, src)
         existing = self._read_manifest(kind, version)
-        if existing is not None:
-            return self._same_or_raise(existing, manifest)
+        if existing is not None:  # a retry, or a conflict: compare checksums, write nothing
+            entries = {}
+            for name, value in files.items():
+                with _source(label, name, value) as src:
+                    entries[name] = _stream(src)
+            return self._same_or_raise(existing, Manifest(kind, version, entries, metadata))
         try:
             if self.local:
-                return self._publish_local(target, files, manifest, manifest_bytes)
-            for name, value in files.items():
-                self.fs.makedirs(posixpath.dirname(f"{target}/{name}"), exist_ok=True)  # no-op on object stores
-                with _open_source(label, name, value) as src, self.fs.open(f"{target}/{name}", "wb") as dst:
-                    self._check_unchanged(label, name, entries[name], _copy(src, dst))
-            self.fs.pipe_file(f"{target}/{MANIFEST}", manifest_bytes)
-            with self._lock(kind):
-                self._advance_latest(kind, version)
+                return self._publish_local(kind, version, files, metadata)
+            return self._publish_remote(kind, version, files, metadata)
         except OSError as exc:
-            raise StoreError(f"publish {label} to {self.uri} failed: {exc}") from exc
-        return manifest
+            need = sum(_source_size(v) or 0 for v in files.values())
+            raise self._failure(f"publish {label} to {self.uri}", exc, Path(self._kind_dir(kind)), need,
+                                "free space there, or set store.uri to a larger volume") from exc
 
-    def _publish_local(self, target: str, files: Mapping[str, bytes | Path], manifest: Manifest,
-                       manifest_bytes: bytes) -> Manifest:
-        kind, version, label = manifest.kind, manifest.version, f"{manifest.kind} v{manifest.version}"
+    def _copy_source(self, label: str, name: str, value: bytes | Path, write: Callable[[memoryview], Any]) -> FileEntry:
+        with _source(label, name, value) as src:
+            before = _signature(src)
+            entry = _stream(src, write)
+            if before is not None and (_signature(src) != before or entry.size != before[0]):
+                raise StoreError(f"publish {label}: source of {name!r} changed while it was being published; retry")
+        return entry
+
+    def _publish_local(self, kind: str, version: int, files: Mapping[str, bytes | Path],
+                       metadata: dict[str, Any]) -> Manifest:
+        label, target = f"{kind} v{version}", self._version_dir(kind, version)
         staging = Path(self._kind_dir(kind)) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        entries = {}
         try:
             for name, value in files.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with _open_source(label, name, value) as src, open(path, "wb") as dst:
-                    self._check_unchanged(label, name, manifest.files[name], _copy(src, dst))
-                    dst.flush()
+                with open(path, "wb", buffering=0) as dst:
+                    entries[name] = self._copy_source(label, name, value, _writer(dst))
                     os.fsync(dst.fileno())
-            (staging / MANIFEST).write_bytes(manifest_bytes)
+            manifest = Manifest(kind, version, entries, metadata, time.time())
+            (staging / MANIFEST).write_bytes(manifest.to_json().encode())
             with self._lock(kind):
                 existing = self._read_manifest(kind, version)
                 if existing is not None:  # a concurrent publisher of the same version won
@@ -325,10 +624,31 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    @staticmethod
-    def _check_unchanged(label: str, name: str, expected: FileEntry, got: FileEntry) -> None:
-        if got != expected:
-            raise StoreError(f"publish {label}: source of {name!r} changed while it was being published; retry")
+    def _publish_remote(self, kind: str, version: int, files: Mapping[str, bytes | Path],
+                        metadata: dict[str, Any]) -> Manifest:
+        """Object stores: files under the version prefix, then the manifest (the commit), then LATEST."""
+        label, target = f"{kind} v{version}", self._version_dir(kind, version)
+        entries, written, committed = {}, [], False
+        try:
+            for name, value in files.items():
+                path = f"{target}/{name}"
+                with self._open_write(path) as dst:
+                    entries[name] = self._copy_source(label, name, value, dst.write)
+                written.append(path)
+            manifest = Manifest(kind, version, entries, metadata, time.time())
+            with self._lock(kind):
+                existing = self._read_manifest(kind, version)
+                if existing is not None:  # another thread of this process published it meanwhile
+                    committed = True  # its files, not ours: leave them
+                    return self._same_or_raise(existing, manifest)
+                self.fs.pipe_file(f"{target}/{MANIFEST}", manifest.to_json().encode())
+                committed = True
+                self._advance_latest(kind, version)
+        finally:
+            if not committed and written:  # best effort; gc removes what is left once stale
+                with contextlib.suppress(Exception):
+                    self.fs.rm(written)
+        return manifest
 
     @staticmethod
     def _same_or_raise(existing: Manifest, manifest: Manifest) -> Manifest:
@@ -382,6 +702,7 @@ class ArtifactStore:
                                       "the version directory was copied or renamed by hand")
         return manifest
 
+    @_guarded
     def versions(self, kind: str) -> list[int]:
         """Complete (manifest-bearing) versions of ``kind``, ascending."""
         kind_dir = self._kind_dir(kind)
@@ -402,6 +723,7 @@ class ArtifactStore:
         self.fs.invalidate_cache(path)  # listing caches (s3fs) must not hide a fresh manifest
         return bool(self.fs.exists(path))
 
+    @_guarded
     def manifest(self, kind: str, version: int) -> Manifest:
         """The manifest of a complete version (raises :class:`VersionNotFoundError`)."""
         manifest = self._read_manifest(kind, version)
@@ -410,6 +732,7 @@ class ArtifactStore:
                                        f"{self.versions(kind)}); publish it first or pick one of those")
         return manifest
 
+    @_guarded
     def latest(self, kind: str) -> Manifest | None:
         """The newest version: the one LATEST names, or a scan if LATEST is missing or points nowhere."""
         pointer = self._read_latest_pointer(kind)
@@ -420,33 +743,52 @@ class ArtifactStore:
         versions = self.versions(kind)
         return self._read_manifest(kind, versions[-1]) if versions else None
 
+    def _entry(self, kind: str, version: int, name: str) -> FileEntry:
+        files = self.manifest(kind, version).files
+        if name not in files:
+            raise StoreError(f"{kind} v{version} has no file {name!r} (it has {sorted(files)})")
+        return files[name]
+
+    def _missing(self, kind: str, version: int, name: str) -> StoreIntegrityError:
+        return StoreIntegrityError(f"{kind} v{version}/{name} is listed in the manifest but missing "
+                                   "(damaged, or removed by gc); restore it, or use or publish another version")
+
+    @_guarded
     def read_bytes(self, kind: str, version: int, name: str) -> bytes:
-        """One file's bytes, verified against the manifest."""
-        entry = self.manifest(kind, version).files.get(name)
-        if entry is None:
-            raise StoreError(f"{kind} v{version} has no file {name!r} (it has "
-                             f"{sorted(self.manifest(kind, version).files)})")
+        """One file's bytes, verified against the manifest (for weights prefer :meth:`load_tensors`)."""
+        entry = self._entry(kind, version, name)
         try:
             data = self.fs.cat_file(f"{self._version_dir(kind, version)}/{name}")
         except FileNotFoundError:
-            raise StoreIntegrityError(f"{kind} v{version}/{name} is listed in the manifest but missing; "
-                                      "restore it or publish a new version") from None
+            raise self._missing(kind, version, name) from None
         got = FileEntry(hashlib.sha256(data).hexdigest(), len(data))
         if got != entry:
             raise _mismatch(f"{kind} v{version}/{name}", entry, got)
         return data
 
+    @_guarded
     def load_tensors(self, kind: str, version: int, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-        """A verified safetensors file as a dict of torch tensors (never unpickles)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
+        """A verified safetensors file as a dict of CPU torch tensors (never unpickles).
 
-        data = self.read_bytes(kind, version, name)
+        The file is read once, hashed as it arrives, into one buffer the tensors are views of: peak
+        memory is the file's size, not twice it.
+        """
+        entry = self._entry(kind, version, name)
         try:
-            return load(data)
-        except SafetensorError as exc:
+            with self._open_read(f"{self._version_dir(kind, version)}/{name}") as src:
+                flat, got = _read_exact(src, entry.size, self._chunk or _CHUNK)
+        except FileNotFoundError:
+            raise self._missing(kind, version, name) from None
+        except OSError as exc:
+            raise self._failure(f"read {kind} v{version}/{name} from {self.uri}", exc) from exc
+        if got != entry:
+            raise _mismatch(f"{kind} v{version}/{name}", entry, got)
+        try:
+            return _tensors_from_buffer(flat)
+        except ValueError as exc:
             raise StoreIntegrityError(f"{kind} v{version}/{name} is not a valid safetensors file: {exc}") from None
 
+    @_guarded
     def fetch(self, kind: str, version: int, dest: str | Path) -> Path:
         """Download a version into directory ``dest``, verifying every file; returns ``dest``.
 
@@ -466,11 +808,12 @@ class ArtifactStore:
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    with self.fs.open(f"{source_dir}/{name}", "rb") as src, open(path, "wb") as dst:
-                        got = _copy(src, dst)
+                    with self._open_read(f"{source_dir}/{name}") as src, open(path, "wb", buffering=0) as dst:
+                        got = _stream(src, _writer(dst), self._chunk)
                 except FileNotFoundError:
-                    raise StoreIntegrityError(f"{kind} v{version}/{name} is listed in the manifest but missing "
-                                              "(damaged, or removed by gc); fetch another version") from None
+                    if not path.parent.is_dir():
+                        raise
+                    raise self._missing(kind, version, name) from None
                 if got != entry:
                     raise _mismatch(f"{kind} v{version}/{name}", entry, got)
             (staging / MANIFEST).write_text(manifest.to_json())
@@ -484,18 +827,22 @@ class ArtifactStore:
                 if not _holds(dest, manifest):  # not just a concurrent fetch of the same version
                     raise
         except OSError as exc:
-            raise StoreError(f"fetch {kind} v{version} into {dest} failed: {exc}") from exc
+            need = sum(e.size for e in manifest.files.values())
+            raise self._failure(f"fetch {kind} v{version} into {dest}", exc, dest.parent, need,
+                                "free space there, or fetch into a directory on another disk") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return dest
 
     # ---- retention ----------------------------------------------------------------------------
 
+    @_guarded
     def gc(self, kind: str, keep: int, stale_after_s: float = 3600.0) -> list[int]:
         """Delete all but the newest ``keep`` complete versions (never the one LATEST names).
 
         Also removes staging leftovers and incomplete versions untouched for ``stale_after_s``
-        seconds (younger ones may be publishes in progress). Returns the deleted complete versions.
+        seconds (younger ones may be publishes in progress), and on S3 aborts multipart uploads
+        abandoned that long. Returns the deleted complete versions.
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise StoreError(f"gc {kind}: keep must be an integer >= 1, got {keep!r}")
@@ -508,6 +855,9 @@ class ArtifactStore:
                 self.fs.rm_file(f"{version_dir}/{MANIFEST}")  # invisible first, so a partial delete stays so
                 self.fs.rm(version_dir, recursive=True)
             self._remove_stale(kind, stale_after_s)
+            if self._s3 is not None:
+                key_prefix = self._kind_dir(kind).partition("/")[2] + "/"
+                self._s3.abort_stale_uploads(self.fs, key_prefix, stale_after_s)
         return doomed
 
     def _remove_stale(self, kind: str, stale_after_s: float) -> None:

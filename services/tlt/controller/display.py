@@ -35,6 +35,8 @@ class ProgressDisplay:
             self.rollout.set_description(f"step {event['step']} GRPO update")
         elif kind == "eval":
             tqdm.write(f"  held-out reward after step {event['step']}: {event['reward']:.3f}")
+        elif kind in ("worker_failed", "worker_down"):
+            tqdm.write(self.worker_line(event))
         elif kind == "step_end":
             self._close_rollout()
             self.steps.update(1)
@@ -48,6 +50,11 @@ class ProgressDisplay:
         acc = event.get("acceptance_length")
         tail = "TAIL " if event.get("tail") else ""
         return f"{tail}running={running} roles[{roles}]" + (f" acc={acc:.2f}" if acc else "")
+
+    @staticmethod
+    def worker_line(event: dict) -> str:
+        what = "failed; its requests go to the others" if event["event"] == "worker_failed" else "is down this step"
+        return f"  warning: {event['worker']} {what} ({event['error']})"
 
     @staticmethod
     def step_line(record: dict) -> str:

@@ -30,9 +30,10 @@ from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.worker import POLICY_KIND, RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
+from tlt.rpc.errors import RpcError
 from tlt.store import ArtifactStore
 from tlt.trainer.policy import Sample
-from tlt_operator.planner import JobProgress, PlannerConfig, in_long_tail, plan_roles, role_changes
+from tlt_operator.planner import JobProgress, PlannerConfig, WorkerProgress, in_long_tail, plan_roles, role_changes
 
 PLANNER_PERIOD_S = 0.02
 
@@ -52,12 +53,15 @@ class Controller:
 
     ``services``: addresses of running services to drive over gRPC; None builds them in this process.
     ``move_roles``: False leaves role moves to someone else (the Kubernetes operator).
+    ``supervisor``: called before each step to restart services that died (e.g. LocalServices.revive); it
+    returns the names of the restarted workers.
     ``on_event`` receives progress events (dicts with an ``event`` key) for a display; see
     :mod:`tlt.controller.display`.
     """
 
     def __init__(self, spec: JobSpec, on_event: Callable[[dict], None] | None = None,
-                 services: ServiceAddresses | None = None, move_roles: bool = True) -> None:
+                 services: ServiceAddresses | None = None, move_roles: bool = True,
+                 supervisor: Callable[[], list[str]] | None = None) -> None:
         self.spec = spec
         self.on_event = on_event or (lambda event: None)
         self.out_dir = Path(spec.output_dir)
@@ -73,8 +77,11 @@ class Controller:
                                      min_responses=spec.drafter.min_responses,
                                      train_during_update=spec.drafter.train_during_update)
         self.move_roles = move_roles
+        self.supervisor = supervisor
         self.inproc = services is None
         self.step = 0
+        self.active: list = []
+        self.failed_workers: list[str] = []
         self.status = {"phase": "update", "pending": 0, "last_step": {}, "reward_mean": None, "heldout": None,
                        "acceptance_length": None, "policy_version": None, "drafter_version": None}
         self._check_fresh_or_resumable()
@@ -166,8 +173,8 @@ class Controller:
             self.store.gc(DRAFTER_KIND, keep=spec.store.keep)
         t3 = time.perf_counter()
         sd = self._sd_record([s.stats for s in summaries])
-        roles = [{"worker": w.name, "spans": [[x.start, x.end, x.role] for x in s.spans if x.role != "end"]}
-                 for w, s in zip(self.workers, summaries)]
+        roles = [{"worker": s.worker, "spans": [[x.start, x.end, x.role] for x in s.spans if x.role != "end"]}
+                 for s in summaries]
         record = {
             "step": step, "wall_s": t3 - t0, "rollout_s": rollout_s, "train_s": t2 - t1, "publish_s": t3 - t2,
             "reward_mean": train_metrics.get("reward_mean"), "reward_std": train_metrics.get("reward_std"),
@@ -175,7 +182,7 @@ class Controller:
             "sd": sd, "policy_version": policy_version, "drafter_version": drafter_version,
             "new_drafter_version": new_drafter, "tail_s": tail_s, "roles": roles,
             "drafter_train": self._drafter_record(summaries), "trainer": train_metrics,
-            "example": texts[0] if texts else "",
+            "example": texts[0] if texts else "", "failed_workers": self.failed_workers,
         }
         self.status.update(phase="update", reward_mean=record["reward_mean"], acceptance_length=sd["acceptance_length"],
                            last_step={"total": t3 - t0, "rollout": rollout_s, "tail": tail_s or 0.0,
@@ -186,12 +193,29 @@ class Controller:
         return record
 
     def _load_newest(self) -> tuple[int, int | None]:
+        """Load the newest versions into every reachable worker; the unreachable ones sit this step out
+        (``self.active``), the job goes on while at least one answers."""
+        if self.supervisor is not None:
+            revived = set(self.supervisor() or ())
+            for worker in self.workers:
+                if worker.name in revived:
+                    worker.wait_ready()
         policy = self.store.latest(POLICY_KIND)
         drafter = self.store.latest(DRAFTER_KIND) if self.drafter is not None else None
+        self.active = []
         for worker in self.workers:
-            worker.load_policy(policy.version)
-            if drafter is not None:
-                worker.load_drafter(drafter.version)
+            try:
+                worker.load_policy(policy.version)
+                if drafter is not None:
+                    worker.load_drafter(drafter.version)
+            except RpcError as exc:
+                if len(self.workers) == 1:
+                    raise
+                self.on_event({"event": "worker_down", "worker": worker.name, "error": str(exc)})
+                continue
+            self.active.append(worker)
+        if not self.active:
+            raise RpcError("no rollout worker is reachable; see the service logs")
         self.status.update(policy_version=policy.version, drafter_version=drafter.version if drafter else None)
         return policy.version, (drafter.version if drafter else None)
 
@@ -209,15 +233,16 @@ class Controller:
 
     def _rollout(self, requests: list[RolloutRequest], workers: list | None = None, plan: bool = True
                  ) -> tuple[dict[str, RequestOutput], list[WorkerStepSummary], float | None, float]:
-        """Run the rollout phase with the planner in the loop; returns results by id, the workers' step
-        summaries, the tail time and the rollout time."""
-        workers = workers or self.workers
+        """Run the rollout phase with the planner in the loop; returns results by id, the summaries of the
+        workers that finished the step, the tail time and the rollout time. A worker that fails hands its
+        unanswered requests back to the queue (remote workers do) and the others finish them."""
+        workers = workers or self.active
         if self.inproc:
             comp.set_threads(max(1, self.total_threads // len(workers)))
         queue = RequestQueue(requests, len(workers))
         results: dict[str, RequestOutput] = {}
-        summaries: list[WorkerStepSummary | None] = [None] * len(workers)
-        errors: list[BaseException] = []
+        summaries: dict[int, WorkerStepSummary] = {}
+        failures: dict[int, BaseException] = {}
         lock = threading.Lock()
         step_over = threading.Event()
 
@@ -231,8 +256,9 @@ class Controller:
         def drive(i: int) -> None:
             try:
                 summaries[i] = workers[i].run_rollout(queue, on_result, step_over)
-            except BaseException as exc:
-                errors.append(exc)
+            except Exception as exc:
+                failures[i] = exc
+                self.on_event({"event": "worker_failed", "worker": workers[i].name, "error": str(exc)})
 
         threads = [threading.Thread(target=drive, args=(i,), name=w.name, daemon=True) for i, w in enumerate(workers)]
         self.status["phase"] = "rollout"
@@ -244,40 +270,57 @@ class Controller:
         while True:
             with lock:
                 done = len(results) == len(requests)
-            if done or errors or not any(t.is_alive() for t in threads):
+            live = [w for i, w in enumerate(workers) if i not in failures and threads[i].is_alive()]
+            if done or not live:
                 break
-            progress = JobProgress("rollout", len(queue), tuple(w.progress() for w in workers))
+            progress = JobProgress("rollout", len(queue), tuple(self._progress(w) for w in live))
             self.status["pending"] = len(queue)
             tail = in_long_tail(progress)
             if tail_start is None and tail:
                 tail_start = time.monotonic()
             if plan and self.move_roles:
-                roles = self._apply_roles(roles, plan_roles(progress, self.planner), workers)
+                roles = self._apply_roles(roles, plan_roles(progress, self.planner), live)
             self.on_event({"event": "progress", "workers": progress.workers, "roles": roles, "tail": tail,
-                           "acceptance_length": self._sd_record([w.live_stats() for w in workers])[
+                           "acceptance_length": self._sd_record([w.live_stats() for w in live])[
                                "acceptance_length"]})
             time.sleep(PLANNER_PERIOD_S)
         end = time.monotonic()
         self.status.update(phase="update", pending=0)
-        if plan and self.move_roles:
-            update = plan_roles(JobProgress("update", 0, tuple(w.progress() for w in workers)), self.planner)
-            self._apply_roles(roles, update, workers)
+        live = [w for i, w in enumerate(workers) if i not in failures]
+        if plan and self.move_roles and live:
+            update = plan_roles(JobProgress("update", 0, tuple(self._progress(w) for w in live)), self.planner)
+            self._apply_roles(roles, update, live)
         step_over.set()
         for thread in threads:
             thread.join()
-        if errors:
-            raise errors[0]
         missing = [r.request_id for r in requests if r.request_id not in results]
         if missing:
+            if failures:
+                raise next(iter(failures.values()))
             raise RuntimeError(f"rollout ended with {len(missing)} requests unanswered (first: {missing[0]}); "
                                "a worker failed, see the log above")
-        return results, summaries, (end - tail_start if tail_start else None), end - start
+        self.failed_workers = [workers[i].name for i in sorted(failures)]
+        ordered = [summaries[i] for i in sorted(summaries)]
+        return results, ordered, (end - tail_start if tail_start else None), end - start
+
+    @staticmethod
+    def _progress(worker) -> WorkerProgress:
+        """A worker's progress; one that does not answer is reported unhealthy (the planner leaves it be)."""
+        try:
+            return worker.progress()
+        except RpcError:
+            return WorkerProgress(worker.name, 0, 0, 0, 0, healthy=False)
 
     def _apply_roles(self, roles: dict, new_roles: dict, workers: list) -> dict:
+        applied = dict(roles)
         for name, _old, role in role_changes(roles, new_roles):
-            next(w for w in workers if w.name == name).set_role(role)
+            try:
+                next(w for w in workers if w.name == name).set_role(role)
+            except RpcError:  # a worker that died; its failure is reported by its rollout thread
+                continue
+            applied[name] = role
             self.on_event({"event": "role", "worker": name, "role": role})
-        return new_roles
+        return applied
 
     def _score(self, batch: list[PromptRecord], requests: list[RolloutRequest],
                results: dict[str, RequestOutput]) -> tuple[list[Sample], list[str]]:
@@ -314,10 +357,17 @@ class Controller:
         self.trainer.save_checkpoint(ckpt / "trainer")
         state = {"step": self.step, "sampler": self.sampler.state(),
                  "drafter_version": summaries[0].drafter_version if summaries else None,
-                 "tuners": [w.tuner_state() for w in self.workers]}
+                 "tuners": [self._tuner_state(w) for w in self.workers]}
         tmp = ckpt / "controller.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(ckpt / "controller.json")
+
+    def _tuner_state(self, worker) -> dict | None:
+        """A worker's bandit state for the checkpoint (None for one that is down: it restarts cold)."""
+        try:
+            return worker.tuner_state()
+        except RpcError:
+            return None
 
     def close(self) -> None:
         """Release the services' resources (Ray workers, channels); idempotent."""
@@ -339,7 +389,7 @@ class Controller:
                                    SamplingParams(temperature=temperature, top_p=r.top_p,
                                                   max_new_tokens=r.max_new_tokens, seed=self.spec.seed * 7919 + i), i)
                     for i, p in enumerate(self.prompts.heldout)]
-        results = self._rollout(requests, workers=self.workers[:1], plan=False)[0]
+        results = self._rollout(requests, workers=self.active[:1], plan=False)[0]
         rewards = [self.reward(p, self.tokenizer.decode(results[q.request_id].token_ids))
                    for p, q in zip(self.prompts.heldout, requests)]
         mean = sum(rewards) / len(rewards)

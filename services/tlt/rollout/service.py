@@ -24,7 +24,7 @@ from tlt.rollout.worker import (
 )
 from tlt.rpc import convert
 from tlt.rpc.client import call, open_channel
-from tlt.rpc.errors import ConflictError, from_grpc
+from tlt.rpc.errors import ConflictError, RpcError, from_grpc
 from tlt.rpc.server import ServicerBase, rpc_method
 from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
 from tlt_operator.planner import ROLLOUT, Role, WorkerProgress
@@ -182,9 +182,9 @@ def summary_to_proto(s: WorkerStepSummary) -> rollout_pb2.GenerateEvent:
         policy_version=s.policy_version, drafter_version=s.drafter_version))
 
 
-def summary_from_proto(msg: rollout_pb2.StepSummary) -> WorkerStepSummary:
+def summary_from_proto(worker: str, msg: rollout_pb2.StepSummary) -> WorkerStepSummary:
     reports = [convert.report_from_proto(msg.drafter)] if msg.drafter.steps or msg.drafter.pushes else []
-    return WorkerStepSummary([RoleSpan(x.start_s, x.end_s, x.role) for x in msg.spans],
+    return WorkerStepSummary(worker, [RoleSpan(x.start_s, x.end_s, x.role) for x in msg.spans],
                              convert.stats_from_proto(msg.stats), reports, msg.policy_version, msg.drafter_version)
 
 
@@ -203,6 +203,12 @@ class RemoteRolloutWorker:
 
     def _what(self, method: str) -> str:
         return f"{method} on rollout worker at {self.address}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the worker serves again (after a restart)."""
+        from tlt.rpc.client import wait_ready
+
+        wait_ready(self.channel, self.address, timeout)
 
     def _progress_rpc(self) -> rollout_pb2.ProgressResponse:
         return call(self.stub.Progress, rollout_pb2.ProgressRequest(), self._what("Progress"), self.timeout)
@@ -266,10 +272,13 @@ class RemoteRolloutWorker:
         capacity = min(self.max_running, queue.fair_share)
         in_flight: dict[str, RolloutRequest] = {}
         slots = threading.Condition()
+        failed = False
 
         def requests() -> Iterator[rollout_pb2.GenerateRequest]:
             while not step_over.is_set():
                 with slots:
+                    if failed:
+                        return
                     free = capacity - len(in_flight)
                     batch = queue.take(free) if free > 0 else []
                     for r in batch:
@@ -284,7 +293,7 @@ class RemoteRolloutWorker:
         try:
             for event in self.stub.Generate(requests()):
                 if event.HasField("summary"):
-                    summary = summary_from_proto(event.summary)
+                    summary = summary_from_proto(self.name, event.summary)
                     continue
                 c = event.completion
                 with slots:
@@ -293,9 +302,13 @@ class RemoteRolloutWorker:
                 on_result(request, RequestOutput(c.request_id, request.prompt_ids, list(c.token_ids),
                                                  list(c.logprobs), c.finish_reason))
         except grpc.RpcError as exc:
+            with slots:  # hand the unanswered requests back, so the other workers finish them
+                failed = True
+                queue.put_back(list(in_flight.values()))
+                in_flight.clear()
             raise from_grpc(exc, self._what("Generate")) from None
         if summary is None:
-            raise from_grpc(grpc.RpcError(), self._what("Generate (stream ended without a summary)"))
+            raise RpcError(f"{self._what('Generate')}: the stream ended without a step summary")
         return summary
 
     def close(self) -> None:

@@ -96,6 +96,7 @@ class RoleSpan:
 class WorkerStepSummary:
     """What one worker did in one rollout step (returned by :meth:`RolloutWorker.run_rollout`)."""
 
+    worker: str
     spans: list[RoleSpan]
     stats: SpecDecodeStats
     drafter: list[SpotReport]
@@ -284,7 +285,8 @@ class RolloutWorker:
         finally:
             mark("end")
             self.engine.abort_all()
-        return WorkerStepSummary(spans, self.engine.stats, reports, self.policy_version, self.drafter_version)
+        return WorkerStepSummary(self.name, spans, self.engine.stats, reports, self.policy_version,
+                                 self.drafter_version)
 
     # ---- metrics ----------------------------------------------------------------------------------
 

@@ -34,6 +34,9 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.keepalive_time_ms", 30_000),
+    # a restarted service (same address) is found again within seconds, not after minutes of backoff
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 DEFAULT_TIMEOUT_S = 30.0
 

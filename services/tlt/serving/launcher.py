@@ -37,6 +37,8 @@ class LocalServices:
         self.start_timeout = start_timeout
         self.procs: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
+        self.ports: dict[str, int] = {}
+        self._args: dict[str, tuple[str, Path, int, list[str]]] = {}
 
     def __enter__(self) -> ServiceAddresses:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +69,15 @@ class LocalServices:
         self.close()
 
     def _spawn(self, name: str, kind: str, config: Path, threads: int, extra: list[str]) -> None:
+        self._args[name] = (kind, config, threads, extra)
         port_file = self.dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
+        # a restarted service keeps its ports, so clients reconnect to the same address
+        port, metrics_port = self.ports.get(name, 0), self.metrics_ports.get(name, 0)
         cmd = [sys.executable, "-m", "tlt.cli", "serve", kind, "--config", str(config), "--name", name,
-               "--port", "0", "--metrics-port", "0", "--threads", str(threads), "--port-file", str(port_file),
-               *extra]
-        log = (self.dir / f"{name}.log").open("wb")
+               "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(threads),
+               "--port-file", str(port_file), *extra]
+        log = (self.dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
 
@@ -91,7 +96,18 @@ class LocalServices:
             time.sleep(0.1)
         info = json.loads(port_file.read_text())
         self.metrics_ports[name] = info["metrics_port"]
+        self.ports[name] = info["port"]
         return info["port"]
+
+    def revive(self) -> list[str]:
+        """Restart the rollout services that exited (same ports); returns their names. The controller calls
+        this before every step, so a crashed worker rejoins at the next step."""
+        dead = [n for n, p in self.procs.items() if n.startswith("rollout-") and p.poll() is not None]
+        for name in dead:
+            self._spawn(name, *self._args[name])
+        for name in dead:
+            self._wait(name)
+        return dead
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.dir / f"{name}.log"

@@ -1,0 +1,53 @@
+"""A rollout worker killed in the middle of a step: its requests are re-dispatched to the others, the
+step completes with every request answered exactly once, and the worker rejoins at the next step."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.integration.conftest import TINY_JOB
+from tlt.config import apply_overrides, job_spec_from_dict
+from tlt.controller.loop import Controller
+from tlt.serving.launcher import LocalServices
+
+
+@pytest.mark.usefixtures("demo_drafter_dir")
+def test_killed_worker_mid_step_loses_and_duplicates_nothing(tmp_path):
+    spec = job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "steps": 3, "data.heldout": 0,
+                                                   "output_dir": str(tmp_path)}))
+    events: list[dict] = []
+    results: dict[int, list[str]] = {}
+    step = {"n": 0}
+    victim: list[int] = []
+    services = LocalServices(spec)
+    with services as addresses:
+        target = services.procs["rollout-1"].pid
+
+        def on_event(event: dict) -> None:
+            events.append(event)
+            if event["event"] == "rollout_start":
+                step["n"] = event["step"]
+            if event["event"] == "result":
+                results.setdefault(step["n"], []).append(event["id"])
+                # kill rollout-1 once step 2 is under way (it holds unanswered requests then)
+                if step["n"] == 2 and not victim and len(results[2]) == 3:
+                    victim.append(target)
+                    os.kill(target, signal.SIGKILL)
+
+        controller = Controller(spec, on_event=on_event, services=addresses, supervisor=services.revive)
+        records = controller.run()
+    assert victim
+    expected = spec.data.prompts_per_step * spec.data.group_size
+    for n in (1, 2, 3):
+        assert len(results[n]) == expected and len(set(results[n])) == expected  # none lost, none twice
+    by_step = {r["step"]: r for r in records}
+    assert by_step[2]["failed_workers"] == ["rollout-1"]
+    assert len(by_step[2]["response_lengths"]) == expected
+    assert any(e["event"] == "worker_failed" and e["worker"] == "rollout-1" for e in events)
+    assert not [e for e in events if e["event"] == "worker_down"], [e for e in events if e["event"] == "worker_down"]
+    # revived before step 3: both workers took part again
+    assert by_step[3]["failed_workers"] == [] and {r["worker"] for r in by_step[3]["roles"]} == {"rollout-0",
+                                                                                                 "rollout-1"}
