@@ -20,6 +20,16 @@ from tlt.errors import TLTError
 START_TIMEOUT_S = 600.0
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL (Linux), so
+    a killed `tlt run` leaves no orphaned services behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class ServiceStartError(TLTError):
     """A service process exited or did not come up; the message holds the tail of its log."""
 
@@ -78,7 +88,8 @@ class LocalServices:
                "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(threads),
                "--port-file", str(port_file), *extra]
         log = (self.dir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
         log.close()
 
     def _wait(self, name: str) -> int:
