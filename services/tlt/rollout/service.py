@@ -30,6 +30,9 @@ from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
 from tlt_operator.planner import ROLLOUT, Role, WorkerProgress
 
 SERVICE_NAME = "tlt.v1.Rollout"
+# A client may stream ahead of the worker's free slots; beyond this many unanswered requests per slot the
+# server stops reading, so a flood of requests costs bounded memory.
+IN_FLIGHT_PER_SLOT = 4
 _DONE = object()
 
 
@@ -73,10 +76,12 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
         worker = self.worker
 
         counts = {"accepted": 0, "completed": 0, "input_done": False}
-        lock = threading.Lock()
+        lock = threading.Condition()
+        limit = IN_FLIGHT_PER_SLOT * worker.engine.max_running
 
         def finish_if_drained() -> None:
             with lock:
+                lock.notify_all()
                 if counts["input_done"] and counts["completed"] == counts["accepted"]:
                     step_over.set()
                     worker.wake()
@@ -86,6 +91,10 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                 for msg in request_iterator:
                     request = request_from_proto(msg, worker)
                     with lock:
+                        # backpressure: stop reading (HTTP/2 flow control then holds the client) while
+                        # the worker already holds `limit` unanswered requests
+                        while counts["accepted"] - counts["completed"] >= limit and not step_over.is_set():
+                            lock.wait(0.1)
                         counts["accepted"] += 1
                     inbox.extend([request])
                     worker.wake()
