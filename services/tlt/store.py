@@ -20,8 +20,8 @@ drafters); within one process LATEST is still guarded by a lock.
 S3 (``s3://bucket/prefix``, see :mod:`tlt.store_s3`): credentials from ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, region from ``AWS_DEFAULT_REGION``, a custom
 (MinIO-compatible) endpoint from ``storage_options={"endpoint_url": ...}`` or ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``. Large files go up as concurrent 16 MiB multipart parts and come back in 64 MiB
-ranged GETs; the store never creates buckets.
+``AWS_ENDPOINT_URL``. Large files go up as concurrent 8 MiB multipart parts and come back as one
+streaming GET; the store never creates buckets.
 
 Every read is verified against the manifest (size and sha256); hashing runs on a helper thread so it
 overlaps the I/O, and every byte is read once. Only safetensors and text formats are accepted: nothing
@@ -75,7 +75,7 @@ ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".yaml", ".jsonl")
 MAX_VERSION = 10**8 - 1
 _KIND = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
-_CHUNK = 1 << 20  # local read/write size (cache-sized: read, hashed and written while hot); S3: BLOCK_SIZE
+_CHUNK = 1 << 20  # local read/write size (cache-sized: read, hashed and written while hot)
 _THREADED_HASH_MIN = 256 << 10  # chunks at least this large are hashed on a helper thread
 _MAX_SAFETENSORS_HEADER = 100 << 20
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -490,7 +490,7 @@ class ArtifactStore:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.normpath(root) if self.local else root.rstrip("/")
         self._s3 = store_s3.S3Target(self.uri, self.root, endpoint, StoreError) if store_s3.is_s3(self.uri) else None
-        self._chunk = store_s3.BLOCK_SIZE if self._s3 is not None else 0  # 0: _CHUNK
+        self._chunk = store_s3.READ_SIZE if self._s3 is not None else 0  # 0: _CHUNK
         self._thread_lock = threading.Lock()
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -511,12 +511,12 @@ class ArtifactStore:
     def _open_read(self, path: str) -> BinaryIO:
         if self.local:
             return open(path, "rb", buffering=0)
-        if self._s3 is not None:  # no read-ahead cache: every read is one ranged GET of the requested size
-            return self.fs.open(path, "rb", block_size=self._chunk, cache_type="none")
+        if self._s3 is not None:
+            return store_s3.StreamReader(self.fs, path)  # type: ignore[return-value]
         return self.fs.open(path, "rb")
 
     def _open_write(self, path: str) -> BinaryIO:
-        """A remote file for writing (on S3 a multipart upload of BLOCK_SIZE parts once it is that large)."""
+        """A remote file for writing (on S3 a multipart upload of PART_SIZE parts once it is that large)."""
         if self._s3 is None:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)  # never on S3: s3fs would create buckets
             return self.fs.open(path, "wb")

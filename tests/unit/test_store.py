@@ -5,12 +5,14 @@ filesystem (the object-store path: files first, manifest last).
 """
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import threading
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -298,3 +300,95 @@ def test_manifest_json_round_trip():
     raw = json.loads(m.to_json())
     assert raw["files"]["a.json"] == {"sha256": "ab" * 32, "size": 2} and raw["created"] == 12.5
     assert Manifest.from_json(m.to_json()) == m
+
+
+# ---- full disk, large files, tensor decoding --------------------------------------------------------
+
+
+def test_full_disk_on_publish_names_the_path_and_the_sizes(tmp_path, monkeypatch):
+    import tlt.store as store_module
+
+    store = ArtifactStore(tmp_path / "s")
+    payload = os.urandom(3 << 20)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
+    with pytest.raises(StoreError) as info:
+        store.publish("policy", 1, {"model.safetensors": save({"w": torch.zeros(1)}), "a.json": payload})
+    message = str(info.value)
+    assert "No space left" in message and f"the disk holding {tmp_path / 's' / 'policy'} is full" in message
+    assert "3.0 MiB needed, 1.0 MiB free" in message and "store.uri" in message
+    assert store.versions("policy") == [] and not [p for p in (tmp_path / "s" / "policy").iterdir()
+                                                   if p.name.startswith(".staging-")]
+
+
+def test_full_disk_on_fetch_names_the_destination(tmp_path, monkeypatch):
+    """A fake local filesystem whose writes under the fetch destination run out of space."""
+    import builtins
+
+    import tlt.store as store_module
+
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"a.json": b"x" * 5000})
+    real_open = builtins.open
+
+    class FullFile(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(tmp_path / "rollout") in str(path):
+            return FullFile()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", fake_open, raising=False)
+    with pytest.raises(StoreError, match=r"fetch policy v1 into .*No space left on device; the disk holding "
+                                         rf"{tmp_path / 'rollout'} is full \(4\.9 KiB needed, .* free\)"):
+        store.fetch("policy", 1, tmp_path / "rollout" / "v1")
+    assert not list((tmp_path / "rollout").iterdir())
+
+
+def test_multi_chunk_files_hash_and_round_trip(store, tmp_path):
+    """Files of several chunks (hashed on the helper thread) get the same checksums as hashlib."""
+    big = os.urandom((8 << 20) * 2 + 12345)
+    src = tmp_path / "big.json"
+    src.write_bytes(big)
+    m = store.publish("policy", 1, {"a.json": big, "b.json": src})
+    assert m.files["a.json"] == m.files["b.json"] == FileEntry(hashlib.sha256(big).hexdigest(), len(big))
+    assert store.read_bytes("policy", 1, "b.json") == big
+    assert (store.fetch("policy", 1, tmp_path / "d") / "a.json").read_bytes() == big
+
+
+def test_load_tensors_decodes_like_safetensors(store):
+    from safetensors.torch import load
+
+    tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f16": torch.randn(7).half(), "i64": torch.arange(5),
+               "u8": torch.arange(9, dtype=torch.uint8), "flag": torch.tensor([True, False, True]),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5, dtype=torch.float64)}
+    data = save(tensors, metadata={"format": "pt"})
+    store.publish("policy", 1, {"model.safetensors": data})
+    ours, theirs = store.load_tensors("policy", 1), load(data)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape and torch.equal(ours[key], value)
+    ours["bf16"] += 1  # writable, and independent of the next load
+    assert torch.equal(store.load_tensors("policy", 1)["bf16"], tensors["bf16"])
+
+
+@pytest.mark.parametrize("header", [{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+                                    {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+                                    {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}},
+                                    {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+                                    {"w": {"dtype": "F32"}}])
+def test_load_tensors_refuses_malformed_safetensors(store, header):
+    raw = json.dumps(header).encode()
+    data = len(raw).to_bytes(8, "little") + raw + bytes(8)
+    store.publish("policy", 1, {"model.safetensors": data})  # a JSON-object header passes publish's check
+    with pytest.raises(StoreIntegrityError, match=r"policy v1/model\.safetensors is not a valid safetensors file"):
+        store.load_tensors("policy", 1)
