@@ -144,13 +144,10 @@ def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
                                 supervisor=supervisor)
         stack.callback(controller.close)
         if args.metrics_port is not None:
-            from prometheus_client import CollectorRegistry
-
-            from tlt.metrics import CallbackCollector
+            from tlt.metrics import new_registry
             from tlt.serving.http import MetricsServer
 
-            registry = CollectorRegistry()
-            registry.register(CallbackCollector(controller.metric_samples))
+            registry = new_registry(controller.metric_samples)
             stack.enter_context(MetricsServer(args.metrics_port, args.metrics_host, registry).start())
         controller.run()
 

@@ -125,6 +125,14 @@ def exported_names() -> set[str]:
 
 Sample = tuple[MetricDef, dict[str, str], float]
 
+def new_registry(*collect: Callable[[], Iterable[Sample]]) -> CollectorRegistry:
+    """A registry serving the given sample readers. Callback collectors cannot describe their metrics in
+    advance, so the registry must include them when a scrape filters by name (``/metrics?name[]=...``)."""
+    registry = CollectorRegistry(support_collectors_without_names=True)
+    for read in collect:
+        registry.register(CallbackCollector(read))
+    return registry
+
 
 def family(metric: MetricDef, samples: Iterable[tuple[dict[str, str], float]]):
     """A gauge or counter family of ``metric`` with the given (labels, value) samples."""

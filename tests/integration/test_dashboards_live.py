@@ -52,9 +52,8 @@ def _finite(result: list[dict]) -> bool:
 
 
 def test_every_dashboard_query_returns_data(tmp_path, demo_drafter_dir, prometheus_factory):
-    from prometheus_client import CollectorRegistry
 
-    from tlt.metrics import CallbackCollector
+    from tlt.metrics import new_registry
     from tlt.serving.http import MetricsServer
 
     spec = job_spec_from_dict(apply_overrides({}, {
@@ -65,8 +64,7 @@ def test_every_dashboard_query_returns_data(tmp_path, demo_drafter_dir, promethe
     services = LocalServices(spec)
     with services as addresses:
         controller = Controller(spec, services=addresses)
-        registry = CollectorRegistry()
-        registry.register(CallbackCollector(controller.metric_samples))
+        registry = new_registry(controller.metric_samples)
         with MetricsServer(0, "127.0.0.1", registry) as http:
             targets = {name: [f"127.0.0.1:{port}"] for name, port in services.metrics_ports.items()}
             prom = prometheus_factory({**targets, "controller": [f"127.0.0.1:{http.port}"]}, scrape_interval="1s")

@@ -70,14 +70,12 @@ def cluster(tmp_path_factory, demo_drafter_dir):
 
 def test_job_across_services_is_scraped_by_prometheus(cluster, prometheus_factory):
     spec, services, addresses = cluster
-    from prometheus_client import CollectorRegistry
 
-    from tlt.metrics import CallbackCollector
+    from tlt.metrics import new_registry
     from tlt.serving.http import MetricsServer
 
     controller = Controller(spec, services=addresses)
-    registry = CollectorRegistry()
-    registry.register(CallbackCollector(controller.metric_samples))
+    registry = new_registry(controller.metric_samples)
     with MetricsServer(0, "127.0.0.1", registry) as http:
         targets = {name: [f"127.0.0.1:{port}"] for name, port in services.metrics_ports.items()}
         prom = prometheus_factory({**targets, "controller": [f"127.0.0.1:{http.port}"]})

@@ -266,7 +266,7 @@ def test_rbac_contract():
         ("tlt.dev", "rljobs", "patch"), ("tlt.dev", "rljobs/status", "patch"), ("tlt.dev", "rljobs/finalizers",
                                                                               "update"),
         ("", "pods", "patch"), ("apps", "statefulsets", "create"), ("batch", "jobs", "delete"),
-        ("events.k8s.io", "events", "create"), ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+        ("", "events", "create"), ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
     assert rbac.allows("", "pods", "patch") and not rbac.allows("", "pods", "delete")
     assert not rbac.allows("", "pods", "create") and not rbac.allows("", "secrets", "get")
     assert rbac.allows("apps", "deployments", "create") and not rbac.allows("apps", "deployments", "update")

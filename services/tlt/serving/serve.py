@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from tlt import metrics as m
 from tlt.config import JobSpec
 from tlt.errors import ConfigError
@@ -46,7 +44,7 @@ def serve(spec: JobSpec, opts: ServeOptions) -> None:
 
     if opts.kind not in KINDS:
         raise ConfigError(f"service must be one of {', '.join(KINDS)}, got {opts.kind!r}")
-    registry = CollectorRegistry()
+    registry = m.new_registry()
     ready = {"ok": False, "reason": "starting"}
     http = MetricsServer(opts.metrics_port, opts.host, registry,
                          ready=lambda: (ready["ok"], ready["reason"])).start()
