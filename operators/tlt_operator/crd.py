@@ -13,21 +13,19 @@ Regenerate the chart's CRD with ``python -m tlt_operator.crd --out deploy/helm/t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import inspect
-import sys
 import types
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from tlt.config import JobSpec
 from tlt.specparse import to_dict
+from tlt_operator.generated import generator_main
 
 GROUP = "tlt.dev"
 VERSION = "v1alpha1"
@@ -566,24 +564,8 @@ def rljob_errors(obj: Any) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlt_operator.crd",
-                                     description="Write the RLJob CRD generated from tlt.config.")
-    parser.add_argument("--out", default="-", help="file to write (default: stdout)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if --out differs from the generated CRD")
-    args = parser.parse_args(argv)
-    text = render_crd_yaml()
-    if args.out == "-":
-        sys.stdout.write(text)
-        return 0
-    out = Path(args.out)
-    if args.check:
-        if not out.is_file() or out.read_text() != text:
-            print(f"{out} is out of date: run python -m tlt_operator.crd --out {out}", file=sys.stderr)
-            return 1
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return 0
+    return generator_main("python -m tlt_operator.crd", "Write the RLJob CRD generated from tlt.config.",
+                          render_crd_yaml, argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ request is granted, and each granted verb is used (or its need on a real cluster
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+
+from tlt_operator.generated import generator_main
 
 
 class Rule(NamedTuple):
@@ -139,23 +138,7 @@ def render_chart_rules() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlt_operator.rbac", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="-", help="file to write (default: stdout)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if --out differs from the generated text")
-    args = parser.parse_args(argv)
-    text = render_chart_rules()
-    if args.out == "-":
-        sys.stdout.write(text)
-        return 0
-    out = Path(args.out)
-    if args.check:
-        if not out.is_file() or out.read_text() != text:
-            print(f"{out} is out of date: run python -m tlt_operator.rbac --out {out}", file=sys.stderr)
-            return 1
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return 0
+    return generator_main("python -m tlt_operator.rbac", __doc__.splitlines()[0], render_chart_rules, argv)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 from tests.integration.conftest import TINY_JOB
+from tests.processes import step_records
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import POLICY_KIND, Controller
 from tlt.store import ArtifactStore
@@ -16,10 +16,6 @@ from tlt.store import ArtifactStore
 
 def _spec(tmp_path, **extra):
     return job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "output_dir": str(tmp_path / "run"), **extra}))
-
-
-def _steps(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if '"step"' in line and '"event"' not in line]
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")
@@ -42,7 +38,7 @@ def test_job_runs_and_resumes_exactly(tmp_path):
     assert resumed.step == 2 and resumed.trainer.optimizer_steps == 2
     assert store.latest(POLICY_KIND).version == 2  # republished from the checkpoint
     resumed.run()
-    assert [r["step"] for r in _steps(tmp_path / "run" / "steps.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in step_records(tmp_path / "run")] == [1, 2, 3]
     assert store.latest(POLICY_KIND).version == 3 and resumed.trainer.optimizer_steps == 3
 
 

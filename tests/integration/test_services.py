@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.integration.conftest import TINY_JOB
+from tests.processes import alive, step_records
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import POLICY_KIND, Controller
 from tlt.rpc.client import open_channel, set_worker_role
@@ -35,9 +36,6 @@ def _spec(path, **extra):
     return job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "output_dir": str(path), **extra}))
 
 
-def _steps(path):
-    return [json.loads(line) for line in (path / "steps.jsonl").read_text().splitlines()
-            if '"step"' in line and '"event"' not in line]
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")
@@ -48,7 +46,7 @@ def test_services_give_the_same_job_as_one_process(tmp_path):
     split = _spec(tmp_path / "split", **extra)
     with LocalServices(split) as addresses:
         Controller(split, services=addresses).run()
-    a, b = _steps(tmp_path / "inproc"), _steps(tmp_path / "split")
+    a, b = step_records(tmp_path / "inproc"), step_records(tmp_path / "split")
     assert [r["response_lengths"] for r in a] == [r["response_lengths"] for r in b]
     assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
     assert [r["trainer"]["loss"] for r in a] == pytest.approx([r["trainer"]["loss"] for r in b], rel=1e-5)
@@ -189,16 +187,6 @@ def _service_pids(run_dir):
     return [json.loads(p.read_text())["pid"] for p in (run_dir / "services").glob("*.port")]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose (its parent has not reaped it yet)
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
-
-
 def _start_run(run_dir, *extra):
     args = [f"--set={k}={v}" for k, v in {**TINY_JOB, "steps": 50, "data.heldout": 4, **dict(extra)}.items()]
     return subprocess.Popen([sys.executable, "-m", "tlt.cli", "run", *args, "--output-dir", str(run_dir),
@@ -209,10 +197,9 @@ def _wait_for_steps(run_dir, proc, n=1, timeout=300):
     import time
 
     deadline = time.monotonic() + timeout
-    log = run_dir / "steps.jsonl"
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
-        if log.is_file() and len(_steps(run_dir)) >= n:
+        if len(step_records(run_dir)) >= n:
             return
         time.sleep(0.2)
     raise AssertionError("the run made no progress")
@@ -224,11 +211,11 @@ def test_ctrl_c_tears_the_services_down(tmp_path):
     proc = _start_run(run_dir)
     _wait_for_steps(run_dir, proc)
     pids = _service_pids(run_dir)
-    assert len(pids) == 4 and all(_alive(p) for p in pids)
+    assert len(pids) == 4 and all(alive(p) for p in pids)
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
     assert proc.returncode == 130
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")
@@ -242,4 +229,4 @@ def test_losing_every_worker_fails_the_run_clearly_and_the_rest_is_torn_down(tmp
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2, err
     assert "rollout worker at 127.0.0.1:" in err and "Traceback" not in err
-    assert not [p for p in ports.values() if _alive(p)]
+    assert not [p for p in ports.values() if alive(p)]

@@ -4,7 +4,6 @@ from the newest complete versions in the store, with the step counter exact."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from tests.integration.conftest import TINY_JOB
+from tests.processes import alive, step_records
 from tlt.controller.loop import POLICY_KIND
 from tlt.store import ArtifactStore
 
@@ -22,29 +22,12 @@ def _command(run_dir, steps):
             "--no-report"]
 
 
-def _steps(run_dir):
-    log = run_dir / "steps.jsonl"
-    if not log.is_file():
-        return []
-    return [json.loads(line)["step"] for line in log.read_text().splitlines()
-            if '"step"' in line and '"event"' not in line]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
-
-
 @pytest.mark.usefixtures("demo_drafter_dir")
 def test_sigkilled_run_leaves_no_orphans_and_resumes_exactly(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_command(run_dir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while _steps(run_dir) != [1]:
+    while [r["step"] for r in step_records(run_dir)] != [1]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
         time.sleep(0.1)
     time.sleep(1.0)  # somewhere inside step 2
@@ -52,12 +35,13 @@ def test_sigkilled_run_leaves_no_orphans_and_resumes_exactly(tmp_path):
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in pids if _alive(p)], "services outlived the killed controller"
+    assert not [p for p in pids if alive(p)], "services outlived the killed controller"
 
     out = subprocess.run(_command(run_dir, 4), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert _steps(run_dir) == [1, 2, 3, 4]  # step 2 was redone once, nothing skipped or repeated in the log
+    # step 2 was redone once: nothing skipped or repeated in the log
+    assert [r["step"] for r in step_records(run_dir)] == [1, 2, 3, 4]
     store = ArtifactStore(run_dir / "store")
     assert store.latest(POLICY_KIND).version == 4

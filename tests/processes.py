@@ -1,0 +1,25 @@
+"""Helpers for tests that watch real processes and the step log they write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, not yet reaped by its parent, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    """The per-step records of ``run_dir/steps.jsonl`` (start/end events left out; [] before the first)."""
+    log = Path(run_dir) / "steps.jsonl"
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line and '"event"' not in line]
