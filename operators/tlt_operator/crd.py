@@ -76,6 +76,7 @@ BOUNDS: dict[str, Bound] = {
     "data.group_size": Bound(minimum=2),
     "data.heldout": Bound(minimum=0),
     "data.eval_every": Bound(minimum=0),
+    "data.eval_temperature": Bound(minimum=0),
     "rollout.workers": Bound(minimum=1),
     "rollout.max_running": Bound(minimum=1),
     "rollout.max_new_tokens": Bound(minimum=1),

@@ -122,6 +122,9 @@ def validate_spec(spec: Any) -> JobSpec:
             raise ConfigError(f"spec.pods.{role}: unknown role; valid roles: {', '.join(ROLES)}")
         if settings is not None and not isinstance(settings, Mapping):
             raise ConfigError(f"spec.pods.{role} must be a mapping")
+    for section in ("storage", "planner"):
+        if spec.get(section) is not None and not isinstance(spec.get(section), Mapping):
+            raise ConfigError(f"spec.{section} must be a mapping, got {type(spec.get(section)).__name__}")
     volume = (spec.get("storage") or {}).get("volume")
     if volume is not None and not (isinstance(volume, Mapping) and volume.get("claimName")):
         raise ConfigError("spec.storage.volume.claimName is required when a volume is set")
@@ -175,6 +178,9 @@ def _metadata(rljob: Mapping[str, Any], name: str, component: str) -> dict[str, 
 def job_yaml(spec: Mapping[str, Any]) -> str:
     """``spec.job`` as YAML; ``store.uri`` defaults to ``<volume mount>/store`` when a volume is set."""
     job = copy.deepcopy(dict(spec.get("job") or {}))
+    for section in ("storage", "planner"):
+        if spec.get(section) is not None and not isinstance(spec.get(section), Mapping):
+            raise ConfigError(f"spec.{section} must be a mapping, got {type(spec.get(section)).__name__}")
     volume = (spec.get("storage") or {}).get("volume")
     if volume:
         store = dict(job.get("store") or {})
@@ -229,6 +235,9 @@ def _container(spec: Mapping[str, Any], role: str, command: list[str], grpc: boo
     s3 = (spec.get("storage") or {}).get("s3") or {}
     if s3.get("credentialsSecret"):
         container["envFrom"] = [{"secretRef": {"name": str(s3["credentialsSecret"])}}]
+    for section in ("storage", "planner"):
+        if spec.get(section) is not None and not isinstance(spec.get(section), Mapping):
+            raise ConfigError(f"spec.{section} must be a mapping, got {type(spec.get(section)).__name__}")
     volume = (spec.get("storage") or {}).get("volume")
     if volume:
         container["volumeMounts"].append({"name": "data", "mountPath": volume.get("mountPath") or DEFAULT_MOUNT_PATH})
@@ -241,6 +250,9 @@ def _pod_template(rljob: Mapping[str, Any], role: str, container: dict[str, Any]
     job = rljob["metadata"]["name"]
     settings = _pod_settings(spec, role)
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": spec_configmap_name(job)}}]
+    for section in ("storage", "planner"):
+        if spec.get(section) is not None and not isinstance(spec.get(section), Mapping):
+            raise ConfigError(f"spec.{section} must be a mapping, got {type(spec.get(section)).__name__}")
     volume = (spec.get("storage") or {}).get("volume")
     if volume:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": volume["claimName"]}})

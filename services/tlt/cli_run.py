@@ -86,8 +86,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set rollout.workers=3")
         try:
             out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        except (yaml.YAMLError, RecursionError, ValueError, LookupError, AttributeError, TypeError) as exc:
+            # PyYAML raises plain Python errors for some tags (`!!int x`, `!!bool maybe`) and huge ints
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({type(exc).__name__}: {exc})") from None
     return out
 
 

@@ -53,6 +53,8 @@ class DataSpec:
         _require(self.group_size >= 2, f"group_size must be >= 2 (GRPO compares responses), got {self.group_size}")
         _require(self.heldout >= 0, f"heldout must be >= 0, got {self.heldout}")
         _require(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only before and after), got {self.eval_every}")
+        _require(self.eval_temperature is None or self.eval_temperature >= 0,
+                 f"eval_temperature must be >= 0 (0 = greedy) or null, got {self.eval_temperature}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,10 @@ def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
+    except (ValueError, LookupError, AttributeError, TypeError) as exc:  # not UTF-8; PyYAML on `!!int x`, huge ints
+        raise ConfigError(f"{path} is not valid YAML: {type(exc).__name__}: {exc}") from None
     return job_spec_from_dict(apply_overrides(data, overrides or {}))
 
 

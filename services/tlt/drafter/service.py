@@ -27,6 +27,9 @@ from tlt.store import ArtifactStore
 
 SERVICE_NAME = "tlt.v1.Drafter"
 MAX_DELTA_BYTES = 8 * 1024 * 1024 * 1024
+DELTA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Target tokens one delta may claim: far above any real push, far below where the int64 token sums overflow.
+MAX_DELTA_TOKENS = 2**40
 
 
 def open_aggregator(spec: JobSpec, model_dir: Path, target: CausalLM, store: ArtifactStore) -> DrafterAggregator:
@@ -76,6 +79,12 @@ class DrafterServicer(ServicerBase, drafter_pb2_grpc.DrafterServicer):
             raise InvalidRequestError(f"PushDelta: got {len(payload)} bytes, header said {header.size_bytes}")
         try:
             delta = load_safetensors(bytes(payload))
+            for name, value in delta.items():  # the aggregator's checks (NaN, inf) need a float dtype torch computes in
+                if value.dtype not in DELTA_DTYPES:
+                    raise InvalidRequestError(f"tensor {name} has dtype {value.dtype}; deltas are float32, float16, "
+                                              "bfloat16 or float64")
+            if header.tokens > MAX_DELTA_TOKENS:
+                raise InvalidRequestError(f"tokens must be in [1, {MAX_DELTA_TOKENS}], got {header.tokens}")
             self.aggregator.push_delta(header.worker or "unnamed", delta, header.tokens)
         except (SafetensorError, InvalidRequestError, ValueError) as exc:
             self.rejected += 1

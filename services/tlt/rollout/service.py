@@ -87,9 +87,14 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                     worker.wake()
 
         def read() -> None:
+            seen: set[str] = set()
             try:
                 for msg in request_iterator:
                     request = request_from_proto(msg, worker)
+                    if request.request_id in seen:  # results are matched to requests by id
+                        raise InvalidRequestError(f"request {request.request_id}: request_id is used twice in this "
+                                                  "step; give every request a unique id")
+                    seen.add(request.request_id)
                     with lock:
                         # backpressure: stop reading (HTTP/2 flow control then holds the client) while
                         # the worker already holds `limit` unanswered requests
@@ -125,14 +130,22 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                 events.put(_DONE)
 
         threading.Thread(target=read, name=f"{worker.name}-read", daemon=True).start()
-        threading.Thread(target=run, name=f"{worker.name}-run", daemon=True).start()
+        runner = threading.Thread(target=run, name=f"{worker.name}-run", daemon=True)
+        runner.start()
         error = None
-        while (item := events.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                error = error or item
-                step_over.set()
-            elif error is None:
-                yield item
+        try:
+            while (item := events.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    error = error or item
+                    step_over.set()
+                elif error is None:
+                    yield item
+        finally:
+            # gRPC closes this generator mid-step when the client cancels: end the step and wait for it, so the
+            # stream lock is only released once no step runs on the worker any more
+            step_over.set()
+            worker.wake()
+            runner.join()
         if error is not None:
             raise error
 
@@ -177,7 +190,12 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                 state = json.loads(request.load_tuner_state_json)
             except json.JSONDecodeError as exc:
                 raise InvalidRequestError(f"load_tuner_state_json is not JSON: {exc}") from None
-            w.load_tuner_state(state)
+            except RecursionError:
+                raise InvalidRequestError("load_tuner_state_json is nested too deeply") from None
+            try:
+                w.load_tuner_state(state)
+            except OverflowError as exc:  # e.g. a negative word in state.rng, a reward over the float range
+                raise InvalidRequestError(f"load_tuner_state_json holds a number out of range: {exc}") from None
         state = w.tuner_state()
         return rollout_pb2.DrafterTrainingResponse(
             tuner_state_json=json.dumps(state) if state is not None else "", online_training=w.spot is not None,

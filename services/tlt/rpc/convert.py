@@ -6,6 +6,8 @@ the same field-naming error as a bad config (and the server maps it to INVALID_A
 
 from __future__ import annotations
 
+import math
+
 from tlt.drafter.spot import SpotReport
 from tlt.errors import InvalidRequestError
 from tlt.rollout.sampling import SamplingParams
@@ -16,6 +18,8 @@ from tlt_operator.planner import DRAFTER, ROLLOUT, Role
 
 ROLE_TO_PROTO = {ROLLOUT: common_pb2.ROLE_ROLLOUT, DRAFTER: common_pb2.ROLE_DRAFTER}
 ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
+# GRPO normalises rewards in float32 over the batch: beyond this, sums overflow into NaN advantages (and weights).
+MAX_ABS_REWARD = 1e9
 
 
 def role_from_proto(value: int) -> Role:
@@ -72,4 +76,7 @@ def sample_to_proto(s: Sample) -> trainer_pb2.Sample:
 
 
 def sample_from_proto(msg: trainer_pb2.Sample) -> Sample:
+    if not (math.isfinite(msg.reward) and abs(msg.reward) <= MAX_ABS_REWARD):
+        raise InvalidRequestError(f"sample reward must be a finite number in [-{MAX_ABS_REWARD:g}, "
+                                  f"{MAX_ABS_REWARD:g}], got {msg.reward}")
     return Sample(list(msg.prompt_ids), list(msg.response_ids), msg.reward, msg.group)

@@ -4,6 +4,7 @@ same methods as the endpoint)."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from tlt.rpc.client import call, open_channel
 from tlt.rpc.server import ServicerBase, rpc_method
 from tlt.rpc.v1 import trainer_pb2, trainer_pb2_grpc
 from tlt.store import ArtifactStore
-from tlt.trainer.policy import Sample, make_policy_trainer
+from tlt.trainer.policy import META_FILE, Sample, make_policy_trainer
 
 SERVICE_NAME = "tlt.v1.Trainer"
 POLICY_KIND = "policy"
@@ -118,8 +119,14 @@ class TrainerServicer(ServicerBase, trainer_pb2_grpc.TrainerServicer):
 
     @rpc_method
     def SaveCheckpoint(self, request, context):  # noqa: N802
+        directory = _save_target(request.directory)
         with self._lock:
-            self.endpoint.save_checkpoint(_directory(request.directory))
+            try:
+                self.endpoint.save_checkpoint(directory)
+            except OSError as exc:  # the request's directory cannot be written (ENOSPC keeps its own code)
+                if exc.errno == errno.ENOSPC:
+                    raise
+                raise InvalidRequestError(f"SaveCheckpoint: cannot write {directory}: {exc}") from None
         return trainer_pb2.CheckpointResponse(directory=request.directory)
 
     @rpc_method
@@ -139,6 +146,22 @@ def _directory(value: str) -> Path:
     if not value:
         raise InvalidRequestError("CheckpointRequest.directory is empty; give a directory on the trainer's disk")
     return Path(value)
+
+
+def _save_target(value: str) -> Path:
+    """The directory SaveCheckpoint replaces as a whole: refuse a file (or device) and a non-empty directory
+    that holds no checkpoint, which would be deleted."""
+    path = _directory(value)
+    try:
+        if path.exists() and not path.is_dir():
+            raise InvalidRequestError(f"SaveCheckpoint: {path} exists and is not a directory; give a checkpoint "
+                                      "directory (it is replaced as a whole)")
+        if path.is_dir() and not (path / META_FILE).is_file() and any(path.iterdir()):
+            raise InvalidRequestError(f"SaveCheckpoint: {path} holds files but no checkpoint ({META_FILE}); "
+                                      "refusing to replace it, give a new or checkpoint directory")
+    except OSError as exc:
+        raise InvalidRequestError(f"SaveCheckpoint: cannot use {path}: {exc}") from None
+    return path
 
 
 class RemoteTrainer:
