@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save, save_file
 
-from tlt.store import ArtifactStore, StoreError, StoreIntegrityError, VersionNotFoundError
+from tlt.store import ArtifactStore, FileEntry, StoreError, StoreIntegrityError, VersionNotFoundError
 from tlt.store_s3 import PART_SIZE, storage_options
 
 pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[dev]')")
@@ -141,16 +142,16 @@ def test_large_weights_multipart_publish_and_fetch(s3, store, tmp_path):
     save_file(tensors, src)
     size = src.stat().st_size
     assert size > 100e6
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    digest = xxhash.xxh3_128(src.read_bytes()).hexdigest()
     start = time.perf_counter()
     m = store.publish("policy", 7, {"model.safetensors": src, "config.json": b"{}"})
-    assert m.files["model.safetensors"].sha256 == digest and m.files["model.safetensors"].size == size
+    assert m.files["model.safetensors"] == FileEntry("xxh3_128", digest, size)
     head = s3["client"].head_object(Bucket=BUCKET, Key=f"{_prefix(store)}/policy/v00000007/model.safetensors")
     parts = -(-size // PART_SIZE)
     assert head["ContentLength"] == size and head["ETag"].strip('"').endswith(f"-{parts}")  # multipart
     dest = store.fetch("policy", 7, tmp_path / "fetched")
     with open(dest / "model.safetensors", "rb") as f:
-        assert hashlib.file_digest(f, "sha256").hexdigest() == digest
+        assert hashlib.file_digest(f, xxhash.xxh3_128).hexdigest() == digest
     loaded = store.load_tensors("policy", 7)
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     assert time.perf_counter() - start < 60
@@ -178,7 +179,8 @@ def test_corrupted_object_is_detected(s3, store, tmp_path):
     s3["client"].put_object(Bucket=BUCKET, Key=key, Body=bad)
     with pytest.raises(StoreIntegrityError, match=r"does not match the manifest") as info:
         store.load_tensors("policy", 1)
-    assert m.files["model.safetensors"].sha256 in str(info.value) and hashlib.sha256(bad).hexdigest() in str(info.value)
+    assert m.files["model.safetensors"].digest in str(info.value)
+    assert f"xxh3_128 {xxhash.xxh3_128(bad).hexdigest()}" in str(info.value)
     with pytest.raises(StoreIntegrityError):
         store.read_bytes("policy", 1, "model.safetensors")
     with pytest.raises(StoreIntegrityError, match=r"policy v1/model\.safetensors"):
@@ -190,6 +192,31 @@ def test_corrupted_object_is_detected(s3, store, tmp_path):
     s3["client"].delete_object(Bucket=BUCKET, Key=key)
     with pytest.raises(StoreIntegrityError, match=r"listed in the manifest but missing"):
         store.load_tensors("policy", 1)
+
+
+def test_sha256_digest_and_old_sha256_manifests_on_s3(s3, store, tmp_path):
+    """digest="sha256" publishes sha256 entries (12 MiB: several streamed blocks, hashed on the helper thread);
+    a version written before manifests named their digest still loads and verifies."""
+    weights = torch.randn(3 << 20)
+    data = save({"w": weights})
+    sha = ArtifactStore(store.uri, digest="sha256")
+    m = sha.publish("policy", 1, {"model.safetensors": data})
+    assert m.files["model.safetensors"] == FileEntry("sha256", hashlib.sha256(data).hexdigest(), len(data))
+    assert torch.equal(store.load_tensors("policy", 1)["w"], weights)  # an xxh3 store verifies it by sha256
+    p = _prefix(store)
+    legacy = {"kind": "policy", "version": 2, "metadata": {}, "created": 1.0,
+              "files": {"model.safetensors": {"sha256": hashlib.sha256(WEIGHTS).hexdigest(), "size": len(WEIGHTS)}}}
+    client = s3["client"]
+    client.put_object(Bucket=BUCKET, Key=f"{p}/policy/v00000002/model.safetensors", Body=WEIGHTS)
+    client.put_object(Bucket=BUCKET, Key=f"{p}/policy/v00000002/MANIFEST.json", Body=json.dumps(legacy).encode())
+    assert store.versions("policy") == [1, 2]
+    assert store.manifest("policy", 2).files["model.safetensors"].algorithm == "sha256"
+    assert (store.fetch("policy", 2, tmp_path / "v2") / "model.safetensors").read_bytes() == WEIGHTS
+    assert store.publish("policy", 2, {"model.safetensors": WEIGHTS}) == store.manifest("policy", 2)  # a retry
+    bad = WEIGHTS[:-1] + bytes([WEIGHTS[-1] ^ 1])
+    client.put_object(Bucket=BUCKET, Key=f"{p}/policy/v00000002/model.safetensors", Body=bad)
+    with pytest.raises(StoreIntegrityError, match=rf"sha256 {hashlib.sha256(bad).hexdigest()} .*does not match"):
+        store.load_tensors("policy", 2)
 
 
 def test_missing_bucket_is_a_clear_error_and_never_created(s3):

@@ -55,7 +55,7 @@ def test_random_preemptions_never_tear_a_version_and_acceptance_keeps_rising(tmp
             assert published == version + 1  # the partial work since the last push was pushed on preemption
             latest = store.latest(DRAFTER_KIND)
             assert latest.version == published
-            loaded = store.load_tensors(DRAFTER_KIND, published)  # verified against the manifest's sha256
+            loaded = store.load_tensors(DRAFTER_KIND, published)  # verified against the manifest's checksum
             for name, value in drafter_state_dict(aggregator.drafter).items():
                 assert torch.equal(loaded[name], value.to(loaded[name].dtype)), name
         copy_drafter_tensors(drafter, drafter_state_dict(aggregator.drafter), "aggregated drafter")

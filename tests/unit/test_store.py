@@ -17,15 +17,19 @@ from types import SimpleNamespace
 import fsspec
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save
 
 from tlt.errors import TLTError
 from tlt.store import (
+    DEFAULT_DIGEST,
+    DIGESTS,
     ArtifactStore,
     FileEntry,
     Manifest,
     StoreError,
     StoreIntegrityError,
+    UnknownDigestError,
     VersionExistsError,
     VersionNotFoundError,
 )
@@ -52,6 +56,26 @@ def _put(store: ArtifactStore, path: str, data: bytes) -> None:
 
 def _tamper(store: ArtifactStore, kind: str, version: int, name: str, data: bytes) -> None:
     _put(store, f"{store._version_dir(kind, version)}/{name}", data)
+
+
+def _xxh3(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _publish_legacy(store: ArtifactStore, kind: str, version: int, files: dict[str, bytes]) -> None:
+    """Write a version exactly as tlt did before manifest entries named their digest (sha256 only)."""
+    version_dir = store._version_dir(kind, version)
+    for name, data in files.items():
+        _put(store, f"{version_dir}/{name}", data)
+    manifest = {"kind": kind, "version": version, "files": {n: {"sha256": _sha256(d), "size": len(d)}
+                                                            for n, d in files.items()},
+                "metadata": {"step": version}, "created": 1700000000.0}
+    _put(store, f"{version_dir}/MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    store.fs.pipe_file(f"{store.root}/{kind}/LATEST", json.dumps({"version": version}).encode())
 
 
 def test_publish_fetch_round_trip(store, tmp_path):
@@ -151,8 +175,9 @@ def test_tampered_file_is_detected_and_nothing_left_at_dest(store, tmp_path):
     with pytest.raises(StoreIntegrityError) as info:
         store.fetch("policy", 1, tmp_path / "dest")
     message = str(info.value)
-    assert "policy v1/model.safetensors" in message and m.files["model.safetensors"].sha256 in message
-    assert hashlib.sha256(bad).hexdigest() in message
+    entry = m.files["model.safetensors"]
+    assert entry == FileEntry("xxh3_128", _xxh3(WEIGHTS), len(WEIGHTS))  # the default digest
+    assert "policy v1/model.safetensors" in message and f"xxh3_128 {_xxh3(bad)}" in message and entry.digest in message
     assert not (tmp_path / "dest").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dest")]
     _tamper(store, "policy", 1, "model.safetensors", WEIGHTS + b"x")  # wrong size too
@@ -296,10 +321,146 @@ def test_uris(tmp_path, monkeypatch):
 
 
 def test_manifest_json_round_trip():
-    m = Manifest("policy", 3, {"a.json": FileEntry("ab" * 32, 2)}, {"step": 3}, 12.5)
+    files = {"a.json": FileEntry("xxh3_128", "ab" * 16, 2), "b.json": FileEntry("sha256", "cd" * 32, 5)}
+    m = Manifest("policy", 3, files, {"step": 3}, 12.5)
     raw = json.loads(m.to_json())
-    assert raw["files"]["a.json"] == {"sha256": "ab" * 32, "size": 2} and raw["created"] == 12.5
+    assert raw["files"]["a.json"] == {"algorithm": "xxh3_128", "digest": "ab" * 16, "size": 2}
+    # sha256 entries keep the key older tlt reads, so they stay readable by it
+    assert raw["files"]["b.json"] == {"algorithm": "sha256", "digest": "cd" * 32, "sha256": "cd" * 32, "size": 5}
+    assert raw["created"] == 12.5 and raw["kind"] == "policy" and raw["version"] == 3 and raw["metadata"] == {"step": 3}
     assert Manifest.from_json(m.to_json()) == m
+    legacy = {"kind": "policy", "version": 3, "files": {"a.json": {"sha256": "ef" * 32, "size": 2}}}
+    assert Manifest.from_json(json.dumps(legacy)).files == {"a.json": FileEntry("sha256", "ef" * 32, 2)}
+
+
+@pytest.mark.parametrize(("entry", "error"), [
+    ({"algorithm": "xxh3_128", "digest": "ab" * 32, "size": 2}, r"not 32 lowercase hex digits"),
+    ({"algorithm": "sha256", "digest": "AB" * 32, "size": 2}, r"not 64 lowercase hex digits"),
+    ({"algorithm": "sha256", "digest": "ab" * 32, "sha256": "cd" * 32, "size": 2}, r"contradicts its digest"),
+    ({"algorithm": "xxh3_128", "digest": "ab" * 16, "sha256": "ab" * 16, "size": 2}, r"contradicts its digest"),
+    ({"algorithm": "xxh3_128", "digest": "ab" * 16, "size": -1}, r"not a byte count"),
+    ({"algorithm": "xxh3_128", "size": 2}, r"digest"),
+    ({"size": 2}, r"sha256"),
+])
+def test_malformed_manifest_entries_are_integrity_errors(store, entry, error):
+    store.publish("policy", 1, {"a.json": b"1"})
+    raw = json.loads(store.fs.cat_file(f"{store._version_dir('policy', 1)}/MANIFEST.json"))
+    raw["files"]["a.json"] = entry
+    _tamper(store, "policy", 1, "MANIFEST.json", json.dumps(raw).encode())
+    with pytest.raises(StoreIntegrityError, match=rf"MANIFEST\.json is unreadable .*{error}"):
+        store.manifest("policy", 1)
+
+
+def test_unknown_digest_algorithm_asks_for_an_upgrade(store):
+    store.publish("policy", 1, {"a.json": b"1"})
+    raw = json.loads(store.fs.cat_file(f"{store._version_dir('policy', 1)}/MANIFEST.json"))
+    raw["files"]["a.json"] = {"algorithm": "blake3", "digest": "ab" * 32, "size": 1}
+    _tamper(store, "policy", 1, "MANIFEST.json", json.dumps(raw).encode())
+    with pytest.raises(UnknownDigestError, match=r"policy v1: .*MANIFEST\.json: digest algorithm 'blake3' is unknown "
+                                                 r"to this tlt \(it knows xxh3_128, sha256\).*upgrade tlt") as info:
+        store.read_bytes("policy", 1, "a.json")
+    assert isinstance(info.value, StoreError)
+
+
+# ---- digests: xxh3 by default, sha256 on request, old sha256 manifests ---------------------------------
+
+
+@pytest.mark.parametrize("digest", ["md5", "SHA256", "xxh3", "", None, 256])
+def test_digest_option_is_validated(tmp_path, digest):
+    with pytest.raises(StoreError, match=rf"store option digest={digest!r} is not supported: choose one of "
+                                         r"'xxh3_128', 'sha256'"):
+        ArtifactStore(tmp_path / "s", digest=digest)
+    assert not (tmp_path / "s").exists()  # refused before anything is created
+    assert DIGESTS == ("xxh3_128", "sha256") and DEFAULT_DIGEST == "xxh3_128"
+    assert ArtifactStore(tmp_path / "ok").digest == "xxh3_128"
+
+
+def test_old_sha256_manifests_still_load_and_verify(store, tmp_path):
+    config = b'{"hidden_size": 3}'
+    _publish_legacy(store, "policy", 4, {"model.safetensors": WEIGHTS, "config.json": config})
+    m = store.latest("policy")
+    assert m.version == 4 and m.metadata == {"step": 4} and store.versions("policy") == [4]
+    assert m.files["model.safetensors"] == FileEntry("sha256", _sha256(WEIGHTS), len(WEIGHTS))
+    assert torch.equal(store.load_tensors("policy", 4)["w"], torch.arange(6.0).reshape(2, 3))
+    assert store.read_bytes("policy", 4, "config.json") == config
+    dest = store.fetch("policy", 4, tmp_path / "rollout" / "v4")
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+    assert Manifest.from_json((dest / "MANIFEST.json").read_bytes()) == m
+    assert store.fetch("policy", 4, dest) == dest  # the local copy verifies by sha256 too: reused
+    # a retry of the same content under the old version is recognised (hashed with sha256 to compare) ...
+    assert store.publish("policy", 4, {"model.safetensors": WEIGHTS, "config.json": config}) == m
+    with pytest.raises(VersionExistsError):  # ... different content is not
+        store.publish("policy", 4, {"model.safetensors": WEIGHTS, "config.json": b"{}"})
+    new = store.publish("policy", 5, {"model.safetensors": WEIGHTS})  # next to it, new versions use xxh3
+    assert new.files["model.safetensors"].algorithm == "xxh3_128" and store.versions("policy") == [4, 5]
+    bad = WEIGHTS[:-1] + bytes([WEIGHTS[-1] ^ 1])  # and old versions still catch damage
+    _tamper(store, "policy", 4, "model.safetensors", bad)
+    for read in (lambda: store.load_tensors("policy", 4), lambda: store.read_bytes("policy", 4, "model.safetensors"),
+                 lambda: store.fetch("policy", 4, tmp_path / "rollout" / "again")):
+        with pytest.raises(StoreIntegrityError, match=rf"sha256 {_sha256(bad)} \({len(bad)} bytes\) does not match "
+                                                      rf"the manifest's {_sha256(WEIGHTS)}"):
+            read()
+    assert not (tmp_path / "rollout" / "again").exists()
+
+
+def test_concurrent_retry_with_another_digest_is_idempotent(store, monkeypatch):
+    """A publisher that finds the version committed meanwhile by one using another digest compares content."""
+    sha = ArtifactStore(store.uri, digest="sha256")
+    first = sha.publish("policy", 1, {"model.safetensors": WEIGHTS, "a.json": b"1"})
+    real, calls = ArtifactStore._read_manifest, []
+
+    def late(self, kind, version):  # the pre-check misses the version (published in between)
+        calls.append(version)
+        return None if len(calls) == 1 else real(self, kind, version)
+
+    monkeypatch.setattr(ArtifactStore, "_read_manifest", late)
+    assert store.publish("policy", 1, {"model.safetensors": WEIGHTS, "a.json": b"1"}) == first
+    calls.clear()
+    with pytest.raises(VersionExistsError):
+        store.publish("policy", 1, {"model.safetensors": WEIGHTS, "a.json": b"2"})
+    monkeypatch.undo()
+    assert store.manifest("policy", 1) == first
+    if store.local:  # (object stores have no staging: there each kind must have a single writer, see store.py)
+        assert store.read_bytes("policy", 1, "a.json") == b"1"
+        assert not [p for p in Path(store.root, "policy").iterdir() if p.name.startswith(".staging-")]
+
+
+def test_xxh3_detects_one_flipped_bit_and_torn_writes(store, tmp_path):
+    big = os.urandom((3 << 20) + 77)  # several chunks
+    m = store.publish("policy", 1, {"a.json": big})
+    assert m.files["a.json"] == FileEntry("xxh3_128", _xxh3(big), len(big))
+    damaged = {"flipped bit": big[:2 << 20] + bytes([big[2 << 20] ^ 0x10]) + big[(2 << 20) + 1:],
+               "torn write": big[:1 << 20] + bytes(len(big) - (1 << 20)),  # the tail never reached the disk
+               "truncated": big[:-1], "swapped": os.urandom(len(big))}
+    for what, data in damaged.items():
+        _tamper(store, "policy", 1, "a.json", data)
+        with pytest.raises(StoreIntegrityError, match=rf"xxh3_128 {_xxh3(data)} \({len(data)} bytes\) does not match"):
+            store.read_bytes("policy", 1, "a.json")
+        with pytest.raises(StoreIntegrityError, match=r"does not match the manifest"):
+            store.fetch("policy", 1, tmp_path / "d")
+        assert not (tmp_path / "d").exists(), what
+
+
+def test_sha256_option_publishes_sha256_and_stores_read_each_other(store, tmp_path):
+    sha = ArtifactStore(store.uri, digest="sha256")
+    big = os.urandom((1 << 20) * 3 + 5)  # large chunks: hashed on the helper thread
+    m = sha.publish("drafter", 1, {"model.safetensors": WEIGHTS, "a.json": big})
+    assert m.files == {"model.safetensors": FileEntry("sha256", _sha256(WEIGHTS), len(WEIGHTS)),
+                       "a.json": FileEntry("sha256", _sha256(big), len(big))}
+    raw = json.loads(store.fs.cat_file(f"{store._version_dir('drafter', 1)}/MANIFEST.json"))
+    # readable by tlt before explicit algorithms (it read e["sha256"] and e["size"] only)
+    assert {n: (e["sha256"], e["size"]) for n, e in raw["files"].items()} == {
+        n: (e.digest, e.size) for n, e in m.files.items()}
+    assert store.read_bytes("drafter", 1, "a.json") == big  # an xxh3 store verifies sha256 versions
+    assert torch.equal(store.load_tensors("drafter", 1)["w"], torch.arange(6.0).reshape(2, 3))
+    assert store.publish("drafter", 1, {"model.safetensors": WEIGHTS, "a.json": big}) == m  # an idempotent retry
+    new = store.publish("drafter", 2, {"a.json": big})
+    assert new.files["a.json"] == FileEntry("xxh3_128", _xxh3(big), len(big))
+    assert sha.read_bytes("drafter", 2, "a.json") == big and sha.latest("drafter") == new
+    assert (sha.fetch("drafter", 2, tmp_path / "d") / "a.json").read_bytes() == big
+    _tamper(store, "drafter", 1, "a.json", big[:-1] + b"\x00")
+    with pytest.raises(StoreIntegrityError, match=r"a\.json: sha256 .* does not match"):
+        sha.fetch("drafter", 1, tmp_path / "e")
 
 
 # ---- full disk, large files, tensor decoding --------------------------------------------------------
@@ -323,6 +484,40 @@ def test_full_disk_on_publish_names_the_path_and_the_sizes(tmp_path, monkeypatch
     assert "3.0 MiB needed, 1.0 MiB free" in message and "store.uri" in message
     assert store.versions("policy") == [] and not [p for p in (tmp_path / "s" / "policy").iterdir()
                                                    if p.name.startswith(".staging-")]
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_publish_starts_writeback_early_and_still_fsyncs(tmp_path, monkeypatch, supported):
+    import tlt.store as store_module
+
+    ranges, synced, real_fsync = [], [], os.fsync
+
+    def sync_file_range(fd, offset, nbytes, flags):  # records; "unsupported" fails like ENOSYS would
+        ranges.append((offset, nbytes, flags))
+        return 0 if supported else -1
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module, "_sync_file_range", lambda: sync_file_range)
+    monkeypatch.setattr(os, "fsync", fsync)
+    big = os.urandom((20 << 20) + 3)
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"a.json": big, "b.json": b"small"})
+    if supported:  # contiguous 8 MiB ranges started while copying; the tail is left to the fsync
+        assert ranges == [(0, 8 << 20, 2), (8 << 20, 8 << 20, 2)]
+    else:  # tried once, then fsync alone
+        assert ranges == [(0, 8 << 20, 2)]
+    assert synced[:2] == [len(big), len(b"small")] and len(synced) >= 3  # every file, then the manifest
+    assert store.read_bytes("policy", 1, "a.json") == big
+    ranges.clear()
+    synced.clear()
+    src = tmp_path / "big.json"  # from a file: the same hints
+    src.write_bytes(big)
+    store.publish("policy", 2, {"a.json": src})
+    assert ranges == ([(0, 8 << 20, 2), (8 << 20, 8 << 20, 2)] if supported else [(0, 8 << 20, 2)])
+    assert synced[0] == len(big) and store.read_bytes("policy", 2, "a.json") == big
 
 
 def test_full_disk_on_fetch_names_the_destination(tmp_path, monkeypatch):
@@ -354,13 +549,16 @@ def test_full_disk_on_fetch_names_the_destination(tmp_path, monkeypatch):
     assert not list((tmp_path / "rollout").iterdir())
 
 
-def test_multi_chunk_files_hash_and_round_trip(store, tmp_path):
-    """Files of several chunks (hashed on the helper thread) get the same checksums as hashlib."""
+@pytest.mark.parametrize("digest", DIGESTS)
+def test_multi_chunk_files_hash_and_round_trip(store, tmp_path, digest):
+    """Files of several chunks (sha256: hashed on the helper thread) get the same checksums as one-shot hashing."""
+    store = ArtifactStore(store.uri, digest=digest)
     big = os.urandom((8 << 20) * 2 + 12345)
     src = tmp_path / "big.json"
     src.write_bytes(big)
     m = store.publish("policy", 1, {"a.json": big, "b.json": src})
-    assert m.files["a.json"] == m.files["b.json"] == FileEntry(hashlib.sha256(big).hexdigest(), len(big))
+    expected = _sha256(big) if digest == "sha256" else _xxh3(big)
+    assert m.files["a.json"] == m.files["b.json"] == FileEntry(digest, expected, len(big))
     assert store.read_bytes("policy", 1, "b.json") == big
     assert (store.fetch("policy", 1, tmp_path / "d") / "a.json").read_bytes() == big
 
@@ -381,6 +579,23 @@ def test_load_tensors_decodes_like_safetensors(store):
     assert torch.equal(store.load_tensors("policy", 1)["bf16"], tensors["bf16"])
 
 
+def test_load_tensors_of_a_large_file(store):
+    """A large file is read into one huge-page-advised buffer: its tensors are writable, independent of
+    other loads, and keep the buffer alive as long as any of them lives."""
+    import gc
+
+    tensors = {"a": torch.randn(1 << 20), "b": torch.arange(3 << 20, dtype=torch.int16).view(3, -1)}
+    store.publish("policy", 1, {"model.safetensors": save(tensors)})  # ~10 MiB
+    first, second = store.load_tensors("policy", 1), store.load_tensors("policy", 1)
+    assert all(torch.equal(first[k], v) and first[k].dtype == v.dtype for k, v in tensors.items())
+    first["a"].add_(1)
+    assert torch.equal(second["a"], tensors["a"])
+    row = second["b"][2]
+    del first, second
+    gc.collect()
+    assert torch.equal(row, tensors["b"][2])
+
+
 @pytest.mark.parametrize("header", [{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
                                     {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
                                     {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}},
@@ -392,3 +607,18 @@ def test_load_tensors_refuses_malformed_safetensors(store, header):
     store.publish("policy", 1, {"model.safetensors": data})  # a JSON-object header passes publish's check
     with pytest.raises(StoreIntegrityError, match=r"policy v1/model\.safetensors is not a valid safetensors file"):
         store.load_tensors("policy", 1)
+
+
+def test_a_full_disk_maps_to_resource_exhausted_over_grpc():
+    import errno
+
+    import grpc
+
+    from tlt.rpc.errors import status_for
+    from tlt.store import ArtifactStore, StoreFullError
+
+    error = ArtifactStore.__new__(ArtifactStore)
+    error._s3 = None
+    full = error._failure("publish policy v1", OSError(errno.ENOSPC, "No space left on device"), Path("/tmp"), 10)
+    assert isinstance(full, StoreFullError) and "No space left" in str(full)
+    assert status_for(full) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -8,7 +8,7 @@ import errno
 import grpc
 
 from tlt.errors import TLTError
-from tlt.store import StoreError, StoreIntegrityError, VersionExistsError, VersionNotFoundError
+from tlt.store import StoreError, StoreFullError, StoreIntegrityError, VersionExistsError, VersionNotFoundError
 
 
 class RpcError(TLTError):
@@ -29,6 +29,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, VersionExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, StoreFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, StoreIntegrityError):
         return grpc.StatusCode.DATA_LOSS
     if isinstance(exc, StoreError):
