@@ -135,6 +135,22 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 # ---- the driver side --------------------------------------------------------------------------
 
+RAY_INIT_ATTEMPTS = 3
+
+
+def _init_ray(ray, options: dict[str, Any]) -> None:
+    """``ray.init``, retried when the local raylet misses Ray's fixed 30 s startup window (seen on loaded
+    2-core machines; Ray raises a bare Exception for it)."""
+    for attempt in range(1, RAY_INIT_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == RAY_INIT_ATTEMPTS:
+                raise
+            ray.shutdown()
+
+
 class RayPolicyTrainer:
     """GRPO on ``num_workers`` data-parallel Ray Train workers, with the :class:`PolicyTrainer` API.
 
@@ -163,8 +179,8 @@ class RayPolicyTrainer:
         self._limits = model_limits(model)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(**{"num_cpus": num_workers * threads_per_worker, "include_dashboard": False,
-                        "logging_level": "WARNING", **(ray_init or {})})
+            _init_ray(ray, {"num_cpus": num_workers * threads_per_worker, "include_dashboard": False,
+                            "logging_level": "WARNING", **(ray_init or {})})
         self._storage = tempfile.mkdtemp(prefix="tlt-ray-train-")
         self._commands = [Queue(actor_options={"num_cpus": 0}) for _ in range(num_workers)]
         self._results = Queue(actor_options={"num_cpus": 0})
