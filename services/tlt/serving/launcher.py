@@ -18,16 +18,21 @@ from tlt.controller.services import ServiceAddresses
 from tlt.errors import TLTError
 
 START_TIMEOUT_S = 600.0
+PARENT_PID_ENV = "TLT_PARENT_PID"
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL (Linux), so
-    a killed `tlt run` leaves no orphaned services behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent() -> None:
+    """Called by a service at start when launched by LocalServices: get SIGTERM when the launching process dies,
+    even by SIGKILL (Linux), so a killed `tlt run` leaves no orphaned services behind."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServiceStartError(TLTError):
@@ -88,8 +93,11 @@ class LocalServices:
                "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(threads),
                "--port-file", str(port_file), *extra]
         log = (self.dir / f"{name}.log").open("ab")
+        # the child ties its life to ours itself (PARENT_PID_ENV): a preexec_fn would run Python between fork and
+        # exec, where gRPC's fork handlers abort the child when this process already uses gRPC
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent)
+                                            env=env)
         log.close()
 
     def _wait(self, name: str) -> int:

@@ -41,9 +41,11 @@ def serve(spec: JobSpec, opts: ServeOptions) -> None:
     from tlt.controller.components import resolve_model_dir, set_threads
     from tlt.rpc.server import serve_until_signal, start_server
     from tlt.serving.http import MetricsServer
+    from tlt.serving.launcher import die_with_parent
 
     if opts.kind not in KINDS:
         raise ConfigError(f"service must be one of {', '.join(KINDS)}, got {opts.kind!r}")
+    die_with_parent()
     registry = m.new_registry()
     ready = {"ok": False, "reason": "starting"}
     http = MetricsServer(opts.metrics_port, opts.host, registry,
