@@ -8,9 +8,13 @@ with either a local copy (fetch) or the weights copied into its model (load). Ar
     2 copies, 1st fsynced     copyfile(src, mid) + fsync(mid), copyfile(mid, dst): the I/O any store on the
                               same disk must do (a durable publish, then a copy out); no checksums
     copy + 2x <digest>        hash(src), copyfile, hash(dst)  (one copy, both checksums)
-    file:// publish+fetch     store.publish(src), store.fetch(version, dir)
+    file:// publish+fetch     store.publish(src), store.fetch(version, dir)  (publish copies src in)
+    file:// move+fetch        the trainer's path: src is a store.scratch_path() file (put there untimed),
+                              store.publish(move=True) hashes, fsyncs and renames it in; fetch copies out
+    file:// move+fetch(link)  the same, fetch(link=True): hard links for read-only consumers, no copy
     plain copy + load         copyfile, safetensors load_file(dst), copy into the model (baseline)
     file:// publish+load      store.publish(src), store.load_tensors(version), copy into the model
+    file:// move+load         the trainer's and rollout's real path: publish(move=True), load_tensors
     boto3 upload+download     boto3 upload_file + get_object to a file  (baseline of s3:// fetch)
     s3:// publish+fetch       the store on s3:// (a moto server the benchmark starts, or --s3-endpoint)
     boto3 upload+load         boto3 upload_file + get_object + safetensors load (baseline of s3:// load)
@@ -22,7 +26,9 @@ option costs), makes what it publishes durable (fsync) and publishes atomically,
 twice on one machine (trainer -> store on publish, store -> rollout on fetch) where the baseline copies
 once: "2 copies, 1st fsynced" is that I/O alone, the floor of any store-mediated transfer on one disk.
 Ratio = store time / plain time of the same size, best of --repeats runs each (arms interleaved).
-The goal for file:// is a ratio <= 1.5. --cold evicts the files from the page cache before each step, so
+The goal for file:// is a ratio <= 1.5 on the path TLT takes (move+load: the trainer writes its file
+on the store's filesystem and the rollout loads straight from the store); the copy-publish arms show
+what a producer that cannot write there pays. --cold evicts the files from the page cache before each step, so
 both sides read from disk (as a rollout on another machine would).
 
     python benchmarks/transport.py            # 100 MB and 1 GB
@@ -159,11 +165,16 @@ class Arm:
     cold_root: Path | None = None  # set by --cold: evict this tree before each timed step
 
     def __init__(self, name: str, trainer: Callable[[int], object], rollout: Callable[[int], object] | None,
-                 cleanup: Callable[[int], None], baseline: str | None = None) -> None:
+                 cleanup: Callable[[int], None], baseline: str | None = None,
+                 prepare: Callable[[int], object] | None = None) -> None:
         self.name, self.trainer, self.rollout, self.cleanup, self.baseline = name, trainer, rollout, cleanup, baseline
+        self.prepare = prepare  # untimed: puts the trainer's file where this arm's trainer starts from
         self.best = (float("inf"), float("inf"))
 
     def run(self, i: int) -> None:
+        if self.prepare:
+            self.prepare(i)
+            os.sync()  # as clean in the page cache as src itself
         if self.cold_root:
             evict(self.cold_root)
         up = timed(lambda: self.trainer(i))
@@ -225,6 +236,15 @@ def file_arms(src: Path, work: Path, model: dict[str, torch.Tensor], digest: str
     def copy(i: int) -> None:
         shutil.copyfile(src, out / f"v{i}")
 
+    scratch: dict[int, Path] = {}
+
+    def to_scratch(i: int) -> None:  # the trainer wrote its version on the store's filesystem
+        scratch[i] = store.scratch_path("policy", "model.safetensors")
+        shutil.copyfile(src, scratch[i])
+
+    def move(i: int) -> None:
+        store.publish("policy", i, {"model.safetensors": scratch.pop(i)}, move=True)
+
     return [
         Arm("plain copy", copy, None, drop),
         Arm("2 copies, 1st fsynced", lambda i: copy_durable(src, work / f"mid-v{i}"),
@@ -233,9 +253,15 @@ def file_arms(src: Path, work: Path, model: dict[str, torch.Tensor], digest: str
             drop, "plain copy"),
         Arm("file:// publish+fetch", lambda i: store.publish("policy", i, {"model.safetensors": src}),
             lambda i: store.fetch("policy", i, out / f"v{i}"), drop, "plain copy"),
+        Arm("file:// move+fetch", move, lambda i: store.fetch("policy", i, out / f"v{i}"), drop, "plain copy",
+            to_scratch),
+        Arm("file:// move+fetch(link)", move, lambda i: store.fetch("policy", i, out / f"v{i}", link=True), drop,
+            "plain copy", to_scratch),
         Arm("plain copy + load", copy, lambda i: into_model(model, load_file(out / f"v{i}")), drop),
         Arm("file:// publish+load", lambda i: store.publish("policy", i, {"model.safetensors": src}),
             lambda i: into_model(model, store.load_tensors("policy", i)), drop, "plain copy + load"),
+        Arm("file:// move+load", move, lambda i: into_model(model, store.load_tensors("policy", i)), drop,
+            "plain copy + load", to_scratch),
     ]
 
 
@@ -333,9 +359,12 @@ def main() -> None:
                       f"{nbytes / MB / arm.total:>6.0f} | {ratio:>5.2f} | {arm.total / copy:>6.2f} | "
                       f"{arm.baseline or '(baseline)'}")
             tag = f"{size_mb}MB"
-            headline[f"file_fetch_ratio_{tag}"] = by_name["file:// publish+fetch"].total / copy
-            headline[f"file_load_ratio_{tag}"] = (by_name["file:// publish+load"].total
-                                                  / by_name["plain copy + load"].total)
+            loaded = by_name["plain copy + load"].total
+            headline[f"file_load_ratio_{tag}"] = by_name["file:// move+load"].total / loaded  # TLT's path
+            headline[f"file_fetch_ratio_{tag}"] = by_name["file:// move+fetch"].total / copy
+            headline[f"file_fetch_link_ratio_{tag}"] = by_name["file:// move+fetch(link)"].total / copy
+            headline[f"file_copy_publish_load_ratio_{tag}"] = by_name["file:// publish+load"].total / loaded
+            headline[f"file_copy_publish_fetch_ratio_{tag}"] = by_name["file:// publish+fetch"].total / copy
             headline[f"io_floor_ratio_{tag}"] = by_name["2 copies, 1st fsynced"].total / copy
             headline[f"file_fetch_vs_io_floor_{tag}"] = (by_name["file:// publish+fetch"].total
                                                          / by_name["2 copies, 1st fsynced"].total)

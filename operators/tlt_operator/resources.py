@@ -10,6 +10,14 @@
 Every child carries the labels of the contract (``docs``: k8s-contract) and an ownerReference to the RLJob
 (``controller``/``blockOwnerDeletion`` true). ``spec.suspend`` renders replicas 0 and a suspended Job. Pod
 templates carry ``tlt.dev/config-hash`` so a changed job spec or image rolls the pods.
+
+Optional gRPC TLS (:class:`GrpcTLS`, from the operator's environment, which the chart's ``grpcTLS`` values
+set): ``TLT_GRPC_TLS_SECRET`` names a ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``, ``ca.crt``) in
+the RLJob's namespace. Every pod then mounts it at ``/etc/tlt-tls``; the services serve with ``--tls-cert``/
+``--tls-key`` (and ``--tls-client-ca``, mutual TLS, unless ``TLT_GRPC_TLS_CLIENT_AUTH=false``), and the
+clients (the controller, the rollout workers' drafter connection) dial with ``--tls-ca`` (presenting the same
+certificate) and ``--tls-server-name $TLT_TLS_SERVER_NAME`` when set. Probes use the HTTP metrics port and
+do not change.
 """
 
 from __future__ import annotations
@@ -17,13 +25,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 
 from tlt.config import JobSpec, job_spec_from_dict
 from tlt.errors import ConfigError
+from tlt.store_s3 import is_s3
 
 GROUP = "tlt.dev"
 VERSION = "v1alpha1"
@@ -47,6 +59,18 @@ ANNOTATION_CONFIG_HASH = "tlt.dev/config-hash"
 # Test / debugging overrides read by the operator from a pod (the contract ports are the defaults).
 ANNOTATION_METRICS_PORT = "tlt.dev/metrics-port"
 ANNOTATION_GRPC_PORT = "tlt.dev/grpc-port"
+
+# gRPC TLS: the operator's environment (see GrpcTLS) and where the Secret lands in the pods.
+ENV_GRPC_TLS_SECRET = "TLT_GRPC_TLS_SECRET"
+ENV_GRPC_TLS_CLIENT_AUTH = "TLT_GRPC_TLS_CLIENT_AUTH"
+ENV_TLS_SERVER_NAME = "TLT_TLS_SERVER_NAME"  # = tlt.rpc.tls.ENV_SERVER_NAME (the operator's own SetRole client)
+GRPC_TLS_VOLUME = "grpc-tls"
+GRPC_TLS_DIR = "/etc/tlt-tls"
+GRPC_TLS_CERT = f"{GRPC_TLS_DIR}/tls.crt"
+GRPC_TLS_KEY = f"{GRPC_TLS_DIR}/tls.key"
+GRPC_TLS_CA = f"{GRPC_TLS_DIR}/ca.crt"
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 PULL_POLICIES = ("IfNotPresent", "Always", "Never")
 DEFAULT_INTERVAL_S = 1.0
@@ -149,6 +173,54 @@ def planner_interval(spec: Mapping[str, Any]) -> float:
         return DEFAULT_INTERVAL_S
 
 
+# ---- gRPC TLS ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GrpcTLS:
+    """TLS for the gRPC traffic between an RLJob's pods: the ``kubernetes.io/tls`` Secret every pod mounts,
+    the name clients check the services' certificates against (None: the dialed host), and whether the
+    services require client certificates (mutual TLS; every pod presents the Secret's certificate)."""
+
+    secret_name: str
+    server_name: str | None = None
+    client_auth: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GrpcTLS | None:
+        """From ``TLT_GRPC_TLS_SECRET`` (unset or empty: no TLS), ``TLT_TLS_SERVER_NAME`` and
+        ``TLT_GRPC_TLS_CLIENT_AUTH`` (default true); a bad value is a ConfigError naming the variable."""
+        env = os.environ if env is None else env
+        secret = env.get(ENV_GRPC_TLS_SECRET, "").strip()
+        if not secret:
+            return None
+        if len(secret) > 253 or not _DNS_SUBDOMAIN.fullmatch(secret):
+            raise ConfigError(f"{ENV_GRPC_TLS_SECRET}={secret!r} is not a Secret name (lowercase letters, digits, "
+                              f"'-' and '.'); set the chart's grpcTLS.secretName")
+        auth = env.get(ENV_GRPC_TLS_CLIENT_AUTH, "true").strip().lower()
+        if auth not in _TRUE + _FALSE:
+            raise ConfigError(f"{ENV_GRPC_TLS_CLIENT_AUTH}={auth!r}: write true or false")
+        return cls(secret, env.get(ENV_TLS_SERVER_NAME, "").strip() or None, auth in _TRUE)
+
+    def volume(self) -> dict[str, Any]:
+        return {"name": GRPC_TLS_VOLUME, "secret": {"secretName": self.secret_name}}
+
+    def volume_mount(self) -> dict[str, Any]:
+        return {"name": GRPC_TLS_VOLUME, "mountPath": GRPC_TLS_DIR, "readOnly": True}
+
+    def server_args(self) -> list[str]:
+        """`tlt serve` flags: serve with the Secret's certificate (and require client certificates)."""
+        return ["--tls-cert", GRPC_TLS_CERT, "--tls-key", GRPC_TLS_KEY,
+                *(["--tls-client-ca", GRPC_TLS_CA] if self.client_auth else [])]
+
+    def client_args(self, certificate: bool = True) -> list[str]:
+        """Client flags: trust the Secret's CA, present its certificate (unless the command already names it
+        with ``--tls-cert``/``--tls-key``: ``certificate=False``), check ``server_name``."""
+        return ["--tls-ca", GRPC_TLS_CA,
+                *(["--tls-cert", GRPC_TLS_CERT, "--tls-key", GRPC_TLS_KEY] if certificate else []),
+                *(["--tls-server-name", self.server_name] if self.server_name else [])]
+
+
 # ---- shared pieces ----------------------------------------------------------------------------------
 
 
@@ -245,7 +317,8 @@ def _container(spec: Mapping[str, Any], role: str, command: list[str], grpc: boo
 
 
 def _pod_template(rljob: Mapping[str, Any], role: str, container: dict[str, Any],
-                  extra_labels: Mapping[str, str] | None = None, restart_policy: str | None = None) -> dict[str, Any]:
+                  extra_labels: Mapping[str, str] | None = None, restart_policy: str | None = None,
+                  tls: GrpcTLS | None = None) -> dict[str, Any]:
     spec = rljob["spec"]
     job = rljob["metadata"]["name"]
     settings = _pod_settings(spec, role)
@@ -256,6 +329,9 @@ def _pod_template(rljob: Mapping[str, Any], role: str, container: dict[str, Any]
     volume = (spec.get("storage") or {}).get("volume")
     if volume:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": volume["claimName"]}})
+    if tls is not None:
+        volumes.append(tls.volume())
+        container["volumeMounts"].append(tls.volume_mount())
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if restart_policy:
         pod_spec["restartPolicy"] = restart_policy
@@ -270,9 +346,9 @@ def _pod_template(rljob: Mapping[str, Any], role: str, container: dict[str, Any]
     }
 
 
-def _serve_command(job: str, role: str) -> list[str]:
+def _serve_command(job: str, role: str, tls: GrpcTLS | None = None) -> list[str]:
     return ["tlt", "serve", role, "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0",
-            "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT)]
+            "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT), *(tls.server_args() if tls else [])]
 
 
 def _service(rljob: Mapping[str, Any], name: str, component: str, headless: bool) -> dict[str, Any]:
@@ -318,10 +394,11 @@ def trainer_service(rljob: Mapping[str, Any]) -> dict[str, Any]:
     return _service(rljob, trainer_name(rljob["metadata"]["name"]), "trainer", headless=False)
 
 
-def rollout_statefulset(rljob: Mapping[str, Any]) -> dict[str, Any]:
+def rollout_statefulset(rljob: Mapping[str, Any], tls: GrpcTLS | None = None) -> dict[str, Any]:
     job = rljob["metadata"]["name"]
-    command = [*_serve_command(job, "rollout"), "--name", "$(POD_NAME)",
-               "--drafter", f"{drafter_name(job)}:{GRPC_PORT}"]
+    command = [*_serve_command(job, "rollout", tls), "--name", "$(POD_NAME)",
+               "--drafter", f"{drafter_name(job)}:{GRPC_PORT}",
+               *(tls.client_args(certificate=False) if tls else [])]  # its serving certificate doubles as client's
     container = _container(rljob["spec"], "rollout", command, grpc=True)
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -331,14 +408,14 @@ def rollout_statefulset(rljob: Mapping[str, Any]) -> dict[str, Any]:
             "replicas": 0 if _suspended(rljob) else _workers(rljob),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(job, "rollout")},
-            "template": _pod_template(rljob, "rollout", container, extra_labels={LABEL_ROLE: "rollout"}),
+            "template": _pod_template(rljob, "rollout", container, extra_labels={LABEL_ROLE: "rollout"}, tls=tls),
         },
     }
 
 
-def _deployment(rljob: Mapping[str, Any], role: str, name: str) -> dict[str, Any]:
+def _deployment(rljob: Mapping[str, Any], role: str, name: str, tls: GrpcTLS | None = None) -> dict[str, Any]:
     job = rljob["metadata"]["name"]
-    container = _container(rljob["spec"], role, _serve_command(job, role), grpc=True)
+    container = _container(rljob["spec"], role, _serve_command(job, role, tls), grpc=True)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _metadata(rljob, name, role),
@@ -347,32 +424,32 @@ def _deployment(rljob: Mapping[str, Any], role: str, name: str) -> dict[str, Any
             # One instance holds the state (drafter aggregation, policy weights): never two at once.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector(job, role)},
-            "template": _pod_template(rljob, role, container),
+            "template": _pod_template(rljob, role, container, tls=tls),
         },
     }
 
 
-def drafter_deployment(rljob: Mapping[str, Any]) -> dict[str, Any]:
-    return _deployment(rljob, "drafter", drafter_name(rljob["metadata"]["name"]))
+def drafter_deployment(rljob: Mapping[str, Any], tls: GrpcTLS | None = None) -> dict[str, Any]:
+    return _deployment(rljob, "drafter", drafter_name(rljob["metadata"]["name"]), tls)
 
 
-def trainer_deployment(rljob: Mapping[str, Any]) -> dict[str, Any]:
-    return _deployment(rljob, "trainer", trainer_name(rljob["metadata"]["name"]))
+def trainer_deployment(rljob: Mapping[str, Any], tls: GrpcTLS | None = None) -> dict[str, Any]:
+    return _deployment(rljob, "trainer", trainer_name(rljob["metadata"]["name"]), tls)
 
 
-def controller_command(job: str, workers: int) -> list[str]:
+def controller_command(job: str, workers: int, tls: GrpcTLS | None = None) -> list[str]:
     command = ["tlt", "run", f"{CONFIG_DIR}/{CONFIG_KEY}", "--no-progress"]
     for address in rollout_addresses(job, workers):
         command += ["--rollout", address]
     command += ["--drafter", f"{drafter_name(job)}:{GRPC_PORT}", "--trainer", f"{trainer_name(job)}:{GRPC_PORT}",
                 "--planner", "external", "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0"]
-    return command
+    return command + (tls.client_args() if tls else [])
 
 
-def controller_job(rljob: Mapping[str, Any]) -> dict[str, Any]:
+def controller_job(rljob: Mapping[str, Any], tls: GrpcTLS | None = None) -> dict[str, Any]:
     job = rljob["metadata"]["name"]
-    container = _container(rljob["spec"], "controller", controller_command(job, _workers(rljob)), grpc=False)
-    template = _pod_template(rljob, "controller", container, restart_policy="OnFailure")
+    container = _container(rljob["spec"], "controller", controller_command(job, _workers(rljob), tls), grpc=False)
+    template = _pod_template(rljob, "controller", container, restart_policy="OnFailure", tls=tls)
     out = {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _metadata(rljob, controller_name(job), "controller"),
@@ -387,7 +464,36 @@ def template_hash(template: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_children(rljob: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every child of ``rljob`` (a full RLJob object: metadata.name/namespace/uid and spec), creation order."""
+# Object-store defaults for RLJobs on s3:// that leave spec.storage.s3 fields unset (the chart's objectStore.s3).
+ENV_S3_DEFAULTS = {"endpoint": "TLT_DEFAULT_S3_ENDPOINT", "region": "TLT_DEFAULT_S3_REGION",
+                   "credentialsSecret": "TLT_DEFAULT_S3_CREDENTIALS_SECRET"}
+
+
+def with_s3_defaults(rljob: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+    """``rljob`` with the ``spec.storage.s3`` fields it leaves empty taken from the operator's environment
+    (:data:`ENV_S3_DEFAULTS`), when its store is on S3; unchanged otherwise."""
+    env = os.environ if env is None else env
+    defaults = {field: env[var].strip() for field, var in ENV_S3_DEFAULTS.items() if env.get(var, "").strip()}
+    spec = rljob.get("spec") or {}
+    job = spec.get("job") if isinstance(spec.get("job"), Mapping) else {}
+    store = job.get("store") if isinstance(job.get("store"), Mapping) else {}
+    storage = spec.get("storage") if spec.get("storage") is not None else {}
+    if not defaults or not is_s3(str(store.get("uri") or "")) or not isinstance(storage, Mapping):
+        return rljob
+    out = copy.deepcopy(dict(rljob))
+    s3 = dict(storage.get("s3") or {})
+    out["spec"]["storage"] = {**storage, "s3": {**s3, **{k: v for k, v in defaults.items() if not s3.get(k)}}}
+    return out
+
+
+def build_children(rljob: Mapping[str, Any], tls: GrpcTLS | Literal["env"] | None = "env",
+                   env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every child of ``rljob`` (a full RLJob object: metadata.name/namespace/uid and spec), creation order.
+    ``tls``: gRPC TLS for the pods; ``"env"`` (default): :meth:`GrpcTLS.from_env`, None: plaintext.
+    ``env``: the operator's environment for S3 defaults (:func:`with_s3_defaults`; default ``os.environ``)."""
+    if tls == "env":
+        tls = GrpcTLS.from_env()
+    rljob = with_s3_defaults(rljob, env)
     return [configmap(rljob), rollout_service(rljob), drafter_service(rljob), trainer_service(rljob),
-            rollout_statefulset(rljob), drafter_deployment(rljob), trainer_deployment(rljob), controller_job(rljob)]
+            rollout_statefulset(rljob, tls), drafter_deployment(rljob, tls), trainer_deployment(rljob, tls),
+            controller_job(rljob, tls)]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tlt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tlt.rpc.tls import ClientTLS
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +33,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                       help="who moves workers between roles: this controller, or an external one (the operator)")
     mode.add_argument("--metrics-port", type=int, help="serve the controller's /metrics, /healthz, /readyz here")
     mode.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds to")
+    _add_tls_args(p, server=False)
     p.set_defaults(func=cmd_run)
 
 
@@ -46,7 +51,36 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: job threads, else all cores)")
     p.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once serving")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight RPCs on SIGTERM")
+    _add_tls_args(p, server=True)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_tls_args(p: argparse.ArgumentParser, server: bool) -> None:
+    """The TLS flags of `tlt serve` (``server``) or `tlt run`: all optional, plaintext without them."""
+    tls = p.add_argument_group("gRPC TLS (optional; default plaintext)")
+    if server:
+        tls.add_argument("--tls-cert", type=Path, metavar="PATH",
+                         help="serve over TLS with this PEM certificate (chain); also the client certificate a "
+                              "rollout worker presents to --drafter")
+        tls.add_argument("--tls-key", type=Path, metavar="PATH", help="the certificate's unencrypted PEM private key")
+        tls.add_argument("--tls-client-ca", type=Path, metavar="PATH",
+                         help="require client certificates signed by this CA (mutual TLS)")
+        tls.add_argument("--tls-ca", type=Path, metavar="PATH",
+                         help="rollout: reach the --drafter service over TLS, trusting this CA")
+    else:
+        tls.add_argument("--tls-ca", type=Path, metavar="PATH",
+                         help="reach the running services over TLS, trusting this CA (default: $TLT_TLS_CA)")
+        tls.add_argument("--tls-cert", type=Path, metavar="PATH",
+                         help="client certificate for services that require one (default: $TLT_TLS_CERT)")
+        tls.add_argument("--tls-key", type=Path, metavar="PATH",
+                         help="the client certificate's private key (default: $TLT_TLS_KEY)")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="check the services' certificates against NAME instead of the dialed host"
+                          + ("" if server else " (default: $TLT_TLS_SERVER_NAME)"))
+
+
+def _client_tls_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key, "server_name": args.tls_server_name}
 
 
 def _load_spec(config: Path | None, overrides: dict[str, Any]):
@@ -60,12 +94,22 @@ def _load_spec(config: Path | None, overrides: dict[str, Any]):
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from tlt.rpc.tls import ServerTLS, resolve_client_tls
     from tlt.serving.serve import ServeOptions, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = _load_spec(args.config, parse_overrides(args.overrides))
+    # TLS files are checked here, before a model is loaded or a port bound
+    tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    drafter_tls = None
+    if args.tls_ca and args.service != "rollout":
+        raise ConfigError(f"--tls-ca is for a rollout worker's --drafter connection; tlt serve {args.service} "
+                          f"dials no other service (its own TLS: --tls-cert, --tls-key, --tls-client-ca)")
+    if args.tls_ca or args.tls_server_name:
+        drafter_tls = resolve_client_tls(_client_tls_flags(args))
     serve(spec, ServeOptions(args.service, args.host, args.port, args.metrics_port, args.name or args.service,
-                             args.drafter, args.threads, args.port_file, args.grace))
+                             args.drafter, args.threads, args.port_file, args.grace, tls=tls,
+                             drafter_tls=drafter_tls))
     return 0
 
 
@@ -103,9 +147,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if remote and (args.inproc or not args.rollout or not args.trainer):
         raise ConfigError("to use running services give --rollout (one per worker) and --trainer (and --drafter "
                           "unless speculative.mode is off), without --inproc")
+    tls = _run_tls(args, remote)
     display = ProgressDisplay(spec.steps, enabled=not args.no_progress)
     try:
-        _run_controller(spec, args, display if not args.no_progress else _print_steps)
+        _run_controller(spec, args, display if not args.no_progress else _print_steps, tls)
     finally:
         display.close()
     log = Path(spec.output_dir) / "steps.jsonl"
@@ -119,8 +164,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
-    """Start (or connect to) the services, serve the controller's metrics if asked, run the job."""
+def _run_tls(args: argparse.Namespace, remote: bool) -> ClientTLS | None:
+    """How `tlt run` reaches running services: the TLS flags, else the ``TLT_TLS_*`` environment. The services
+    it starts itself (or runs in process) talk plaintext on loopback, so there the environment is not used."""
+    from tlt.rpc.tls import CLIENT_FLAGS, resolve_client_tls
+
+    flags = _client_tls_flags(args)
+    if not remote:
+        given = [CLIENT_FLAGS[name] for name, value in flags.items() if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: TLS applies to running services (--rollout, --drafter, "
+                              f"--trainer); the services `tlt run` starts itself talk plaintext on loopback")
+        return None
+    return resolve_client_tls(flags, os.environ)
+
+
+def _run_controller(spec, args: argparse.Namespace, on_event, tls: ClientTLS | None = None) -> None:
+    """Start (or connect to) the services (over TLS with ``tls``), serve the controller's metrics if asked,
+    run the job."""
     from contextlib import ExitStack
 
     from tlt.controller.components import load_prompt_sets, resolve_model_dir
@@ -134,7 +195,7 @@ def _run_controller(spec, args: argparse.Namespace, on_event) -> None:
         if args.inproc:
             addresses = None
         elif args.rollout:
-            addresses = ServiceAddresses(tuple(args.rollout), args.drafter, args.trainer)
+            addresses = ServiceAddresses(tuple(args.rollout), args.drafter, args.trainer, tls)
         else:
             from tlt.serving.launcher import LocalServices
 
@@ -160,6 +221,8 @@ def _print_steps(event: dict) -> None:
         print(ProgressDisplay.step_line(event["record"]), flush=True)
     elif event["event"] in ("worker_failed", "worker_down"):
         print(ProgressDisplay.worker_line(event), flush=True)
+    elif event["event"] in ("service_down", "service_back"):
+        print(ProgressDisplay.service_line(event), flush=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ class TLTError(Exception):
     """Base class for errors caused by user input or environment, not by a bug."""
 
 
+class PortInUseError(TLTError, OSError):
+    """A server cannot listen on the port it was given (taken by another process or server)."""
+
+
 class ConfigError(TLTError, ValueError):
     """A configuration field has an invalid value."""
 

@@ -58,6 +58,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -102,6 +103,8 @@ _THREADED_HASH_MIN = 256 << 10  # chunks of a slow digest at least this large ar
 _WRITEBACK = 8 << 20  # publish starts writing back to disk every this many bytes, so the final fsync is short
 _HUGE_PAGE_MIN = 4 << 20  # load_tensors buffers at least this large are mapped for transparent huge pages
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_READ_ONLY = 0o444  # mode of published files
+_WRITABLE = 0o644  # mode of a moved-in file given back to its owner when its publish fails
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
            "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -588,6 +591,28 @@ def _timestamp(info: Mapping[str, Any]) -> float | None:
     return None
 
 
+def _same_filesystem(value: bytes | Path, directory: Path) -> bool:
+    """Whether ``value`` is a regular local file on ``directory``'s filesystem (so a rename can move it)."""
+    if not isinstance(value, os.PathLike):
+        return False
+    try:
+        st = os.lstat(value)
+        return stat.S_ISREG(st.st_mode) and st.st_dev == os.stat(directory).st_dev
+    except OSError:
+        return False
+
+
+def _hard_link(source: str, path: Path) -> bool:
+    """Hard-link ``path`` to ``source``; False where the filesystem cannot (another device, no link support)."""
+    try:
+        os.link(source, path)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return False
+    return True
+
+
 def _holds(dest: Path, manifest: Manifest) -> bool:
     """Whether ``dest`` is a verified local copy of ``manifest``'s version."""
     try:
@@ -709,14 +734,32 @@ class ArtifactStore:
 
     # ---- publish ------------------------------------------------------------------------------
 
+    def scratch_path(self, kind: str, name: str) -> Path | None:
+        """A fresh path on the store's own filesystem for a producer to write ``name`` to and then publish
+        with ``move=True``, which renames it into the version instead of copying it; None on object stores.
+
+        It lives in ``<kind>/`` under a staging name, so :meth:`gc` removes it if the producer dies first.
+        """
+        _check_name(f"{kind} scratch", name)
+        if not self.local:
+            return None
+        kind_dir = Path(self._kind_dir(kind))
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        return kind_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(name)}"
+
     @_guarded
     def publish(self, kind: str, version: int, files: Mapping[str, bytes | Path],
-                metadata: dict[str, Any] | None = None) -> Manifest:
+                metadata: dict[str, Any] | None = None, *, move: bool = False) -> Manifest:
         """Publish ``files`` (name -> bytes or a local Path) as ``kind`` version ``version``.
 
         LATEST moves to ``version`` if it is higher than the current one. Re-publishing identical
         content returns the existing manifest; different content raises :class:`VersionExistsError`.
         Every file is read once: hashed while it is written.
+
+        ``move=True`` hands the Path sources over to the store: a file on the store's own filesystem
+        (see :meth:`scratch_path`) is hashed in place, fsynced and renamed into the version, never
+        copied; others are copied. Once the version is published the sources are gone; if the publish
+        fails they are left where they were.
         """
         self._version_dir(kind, version)  # validates kind and version first
         label = f"{kind} v{version}"
@@ -735,16 +778,25 @@ class ArtifactStore:
                 if name.lower().endswith(".safetensors"):
                     _check_safetensors(label, name, src)
         existing = self._read_manifest(kind, version)
-        if existing is not None:  # a retry, or a conflict: compare checksums, write nothing
-            return self._same_or_raise(label, files, existing, self._hash_sources(label, files, existing))
         try:
-            if self.local:
-                return self._publish_local(kind, version, files, metadata)
-            return self._publish_remote(kind, version, files, metadata)
+            if existing is not None:  # a retry, or a conflict: compare checksums, write no files
+                manifest = self._same_or_raise(label, files, existing, self._hash_sources(label, files, existing))
+                with self._lock(kind):  # a publish that failed only at its LATEST write is finished by its retry
+                    self._advance_latest(kind, version)
+            elif self.local:
+                manifest = self._publish_local(kind, version, files, metadata, move)
+            else:
+                manifest = self._publish_remote(kind, version, files, metadata)
         except OSError as exc:
             need = sum(_source_size(v) or 0 for v in files.values())
             raise self._failure(f"publish {label} to {self.uri}", exc, Path(self._kind_dir(kind)), need,
                                 "free space there, or set store.uri to a larger volume") from exc
+        if move:  # the store holds them now (sources that were renamed in are already gone)
+            for value in files.values():
+                if isinstance(value, os.PathLike):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(value)
+        return manifest
 
     def _hash_sources(self, label: str, files: Mapping[str, bytes | Path], like: Manifest) -> dict[str, FileEntry]:
         """Entries of ``files`` hashed as ``like`` (an existing version) hashed them, to compare with it."""
@@ -763,19 +815,36 @@ class ArtifactStore:
                 raise StoreError(f"publish {label}: source of {name!r} changed while it was being published; retry")
         return entry
 
+    def _adopt(self, label: str, name: str, value: Path, path: Path) -> FileEntry:
+        """Hash ``value`` in place, make it durable and rename it to ``path`` (same filesystem): no copy."""
+        with _source(label, name, value) as src:
+            before = _signature(src)
+            entry = _stream(src, self.digest)
+            os.fsync(src.fileno())
+            if _signature(src) != before or entry.size != before[0]:  # type: ignore[index]
+                raise StoreError(f"publish {label}: source of {name!r} changed while it was being published; retry")
+        os.rename(value, path)
+        return entry
+
     def _publish_local(self, kind: str, version: int, files: Mapping[str, bytes | Path],
-                       metadata: dict[str, Any]) -> Manifest:
+                       metadata: dict[str, Any], move: bool = False) -> Manifest:
         label, target = f"{kind} v{version}", self._version_dir(kind, version)
         staging = Path(self._kind_dir(kind)) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-        entries = {}
+        entries: dict[str, FileEntry] = {}
+        adopted: list[tuple[Path, Path]] = []  # (where it is now, where the caller had it)
         try:
             for name, value in files.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb", buffering=0) as dst:
-                    writer = _DurableWriter(dst)
-                    entries[name] = self._copy_source(label, name, value, writer)
-                    writer.sync()
+                if move and _same_filesystem(value, staging):
+                    entries[name] = self._adopt(label, name, Path(value), path)
+                    adopted.append((path, Path(value)))
+                else:
+                    with open(path, "wb", buffering=0) as dst:
+                        writer = _DurableWriter(dst)
+                        entries[name] = self._copy_source(label, name, value, writer)
+                        writer.sync()
+                os.chmod(path, _READ_ONLY)  # published files never change (fetch may hand out hard links)
             manifest = Manifest(kind, version, entries, metadata, time.time())
             with open(staging / MANIFEST, "wb", buffering=0) as dst:  # durable before the rename makes it visible
                 _writer(dst)(memoryview(manifest.to_json().encode()))
@@ -790,6 +859,12 @@ class ArtifactStore:
                     shutil.rmtree(leftover, ignore_errors=True)
                 os.rename(staging, target)
                 self._advance_latest(kind, version)
+        except BaseException:
+            for path, origin in adopted:  # nothing was accepted: give the caller its files back
+                with contextlib.suppress(OSError):
+                    os.chmod(path, _WRITABLE)
+                    os.rename(path, origin)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
@@ -816,6 +891,8 @@ class ArtifactStore:
                 self._advance_latest(kind, version)
         finally:
             if not committed and written:  # best effort; gc removes what is left once stale
+                with contextlib.suppress(Exception):  # a manifest PUT that landed but whose answer was lost
+                    self.fs.rm_file(f"{target}/{MANIFEST}")  # goes first: never a visible version without files
                 with contextlib.suppress(Exception):
                     self.fs.rm(written)
         return manifest
@@ -965,12 +1042,15 @@ class ArtifactStore:
             raise StoreIntegrityError(f"{kind} v{version}/{name} is not a valid safetensors file: {exc}") from None
 
     @_guarded
-    def fetch(self, kind: str, version: int, dest: str | Path) -> Path:
+    def fetch(self, kind: str, version: int, dest: str | Path, *, link: bool = False) -> Path:
         """Download a version into directory ``dest``, verifying every file; returns ``dest``.
 
         Atomic: files go to a hidden sibling staging directory renamed to ``dest`` only when all
         verified, so on failure nothing new is left at ``dest``. A verified copy already at ``dest``
-        is reused.
+        is reused. ``link=True`` is for read-only consumers: from a local store to ``dest`` on the same
+        filesystem the files become hard links to the store's (read-only, never-changing) files,
+        verified all the same, instead of copies. A consumer that writes into such a file in place (root
+        ignores the read-only mode) damages the stored version too, which the next verified read refuses.
         """
         dest = Path(dest)
         manifest = self.manifest(kind, version)
@@ -983,9 +1063,14 @@ class ArtifactStore:
             for name, entry in manifest.files.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
+                source = f"{source_dir}/{name}"
                 try:
-                    with self._open_read(f"{source_dir}/{name}") as src, open(path, "wb", buffering=0) as dst:
-                        got = _stream(src, entry.algorithm, _writer(dst), self._chunk)
+                    if link and self.local and _hard_link(source, path):
+                        with open(path, "rb", buffering=0) as src:
+                            got = _stream(src, entry.algorithm)
+                    else:
+                        with self._open_read(source) as src, open(path, "wb", buffering=0) as dst:
+                            got = _stream(src, entry.algorithm, _writer(dst), self._chunk)
                 except FileNotFoundError:
                     if not path.parent.is_dir():
                         raise

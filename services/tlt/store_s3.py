@@ -11,17 +11,33 @@ Transfers stream: an object of at least :data:`PART_SIZE` bytes goes up as a mul
 :data:`UPLOAD_CONCURRENCY` parts in flight (:class:`MultipartWriter`), and every object comes back with
 one streaming GET read :data:`READ_SIZE` bytes at a time (:class:`StreamReader`). A 1 GB file is never
 held in memory whole: uploads hold at most (concurrency + 1) parts, downloads one block.
+
+Transient failures are retried with capped exponential backoff and jitter (:func:`backoff`): throttling
+(503 SlowDown and the other throttling codes, 429), 500/502/503/504, S3's 400 RequestTimeout, dropped or
+reset connections and read timeouts, on every request the store makes (PUT, multipart create / part /
+complete / abort, GET, HEAD, LIST, DELETE). A large download that breaks off mid-body resumes where it
+stopped (:class:`StreamReader`, same policy); a small object read whole (manifest, LATEST, ``read_bytes``)
+is read again by s3fs (5 tries, its own backoff). The policy lives in botocore's own retry hook
+(``needs-retry``) on the session the store's s3fs client is made from (:func:`retrying_session`), so it
+covers s3fs's internal calls too; botocore's built-in retries are off so attempts do not multiply.
+Permanent errors (403 AccessDenied, 404 NoSuchBucket / NoSuchKey, other 4xx) are never retried. A request
+still failing after :data:`RETRY_ATTEMPTS` tries, or :data:`RETRY_BUDGET_S` seconds, raises
+:class:`S3RetryError` naming the operation, the object and the last cause, which the store reports as its
+own error (:meth:`S3Target.translate`). Retries are logged (warnings of this module's logger).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import logging
 import os
+import random
+import socket
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from tlt.errors import TLTError
@@ -31,8 +47,26 @@ PART_SIZE = 8 << 20  # multipart part size (doubling every 1000 parts, so 10000 
 # 8-16 MiB x 4 in flight uploaded 100 MB 1.5-1.7x faster than sequential 64 MiB parts (moto)
 UPLOAD_CONCURRENCY = 4  # parts uploaded at once
 READ_SIZE = 8 << 20  # bytes taken from the download stream at a time (hashed and written while the next arrive)
-READ_RETRIES = 3  # a dropped download resumes where it stopped, this many times
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+# Retries of transient failures. S3 answers load with 503 SlowDown and asks for exponential backoff with
+# jitter (partitions scale up within seconds to minutes; jitter keeps the 4 concurrent part uploads and
+# other pods from retrying in lockstep); MinIO / Ceph RGW restarts and load-balancer failovers last a few
+# seconds. 6 tries with delays doubling from 0.25 s (capped at 8 s, "equal jitter": half fixed, half random)
+# wait 3.9-7.75 s in all: a restart or a throttling burst is ridden out, while a broken endpoint still
+# fails within ~10 s plus the attempts' own time. The budget bounds that own time (each try can take a
+# whole read timeout): no retry starts once it would end past it.
+RETRY_ATTEMPTS = 6  # tries per request (or per block of a download), the first included
+RETRY_BASE_S = 0.25  # the first retry's delay cap; doubled for each further retry
+RETRY_MAX_DELAY_S = 8.0  # cap of any one delay
+RETRY_BUDGET_S = 60.0  # no retry once it would start this long after the request's first try
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_CODES = frozenset({  # S3 error codes that mean "try again" whatever the status (throttling, timeouts)
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete"})
+
+logger = logging.getLogger(__name__)
 
 
 def is_s3(uri: str) -> bool:
@@ -52,7 +86,9 @@ def storage_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], 
 
     An explicit ``endpoint_url`` (top level or in ``client_kwargs``) wins over the environment. Listing
     caches are off (other processes publish) and each store gets its own client, so it sees the
-    environment as it is when the store is made.
+    environment as it is when the store is made. Transient failures are retried by this module's policy
+    (a :func:`retrying_session`) unless the caller passes its own ``session`` or botocore
+    ``config_kwargs["retries"]``, which are then used as given.
     """
     opts = dict(options or {})
     client_kwargs = dict(opts.get("client_kwargs") or {})
@@ -66,7 +102,148 @@ def storage_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], 
         opts["client_kwargs"] = client_kwargs
     opts.setdefault("use_listings_cache", False)
     opts.setdefault("skip_instance_cache", True)
+    config = dict(opts.get("config_kwargs") or {})
+    if "retries" not in config and "session" not in opts:  # the caller's own botocore retries or session win
+        # botocore's retries off, the session's policy replaces them ("standard": its handler, unlike the
+        # "legacy" one, never raises from the retry hook, which would cut the session's retries short)
+        config["retries"] = {"mode": "standard", "total_max_attempts": 1}
+        opts["config_kwargs"] = config
+        opts["session"] = retrying_session(opts.pop("profile", None))
     return opts, endpoint
+
+
+class S3RetryError(Exception):
+    """A transient S3 failure that outlasted the retries: names the operation, the object and the last cause."""
+
+    def __init__(self, operation: str, bucket: str, key: str, attempts: int, elapsed: float, cause: str,
+                 unreachable: bool = False) -> None:
+        self.operation, self.bucket, self.key, self.attempts, self.cause = operation, bucket, key, attempts, cause
+        self.unreachable = unreachable  # the endpoint never answered (connection refused, connect timeout)
+        target = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+        super().__init__(f"S3 {operation} {target} failed {attempts} times in {elapsed:.1f} s (transient errors "
+                         f"are retried with backoff); the last: {cause}")
+
+
+def backoff(retry: int) -> float:
+    """Seconds to wait before retry number ``retry`` (1 = the first): a capped doubling, half of it random."""
+    cap = min(RETRY_MAX_DELAY_S, RETRY_BASE_S * 2 ** (retry - 1))
+    return cap / 2 + random.uniform(0, cap / 2)
+
+
+def retry_delay(operation: str, bucket: str, key: str, attempts: int, started: float, cause: str,
+                unreachable: bool = False, error: BaseException | None = None) -> float:
+    """The delay before retrying a request whose try number ``attempts`` failed transiently with ``cause``.
+
+    ``started`` is the first try's :func:`time.monotonic`. Raises :class:`S3RetryError` (from
+    ``error``) when the tries or the time budget are used up.
+    """
+    elapsed, delay = time.monotonic() - started, backoff(attempts)
+    if attempts >= RETRY_ATTEMPTS or elapsed + delay > RETRY_BUDGET_S:
+        raise S3RetryError(operation, bucket, key, attempts, elapsed, cause, unreachable) from error
+    logger.warning("S3 %s s3://%s/%s failed (%s); retry %d of %d in %.2f s", operation, bucket, key, cause,
+                   attempts, RETRY_ATTEMPTS - 1, delay)
+    return delay
+
+
+def transient_cause(response: Any = None, error: BaseException | None = None) -> tuple[str, bool] | None:
+    """If a request's outcome is worth retrying: why, and whether the endpoint was unreachable; else None.
+
+    ``response`` is botocore's ``(http_response, parsed)``, ``error`` the exception the request raised.
+    """
+    import botocore.exceptions as bx
+
+    if error is not None:
+        if isinstance(error, bx.SSLError) or not isinstance(
+                error, (bx.ConnectionError, bx.HTTPClientError, ConnectionError, TimeoutError)):
+            return None  # a bad certificate, credentials, parameters: retrying cannot help
+        return _describe(error), _unreachable(error)
+    if response is None:
+        return None
+    http, parsed = response
+    fault = (parsed or {}).get("Error") or {}
+    code = str(fault.get("Code") or "")
+    if http.status_code not in RETRY_STATUSES and code not in RETRY_CODES:
+        return None
+    words = [f"HTTP {http.status_code}", *([code] if code and code != str(http.status_code) else [])]
+    message = fault.get("Message") or ""
+    return " ".join(words) + (f": {message}" if message else ""), False
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of an exception, with what it wraps (botocore's ``error``, or its cause where it
+    says nothing itself, e.g. a bare timeout)."""
+    text = f"{type(error).__name__}: {error}".rstrip(": ")
+    inner = getattr(error, "kwargs", {}).get("error")
+    if not isinstance(inner, BaseException) and not str(error):
+        inner = error.__cause__ or error.__context__
+    return f"{text} ({_describe(inner)})" if isinstance(inner, BaseException) else text
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says no connection to the endpoint could be made (not one that broke off later)."""
+    import aiohttp
+    import botocore.exceptions as bx
+
+    if isinstance(error, bx.ConnectTimeoutError):
+        return True
+    inner = getattr(error, "kwargs", {}).get("error")
+    return isinstance(error, bx.EndpointConnectionError) and (
+        inner is None or isinstance(inner, (aiohttp.ClientConnectorError, socket.gaierror)))
+
+
+def _remember_request(params: Mapping[str, Any], context: dict[str, Any], model: Any, **_: Any) -> None:
+    """botocore ``before-parameter-build`` hook: note the operation, object and start for the retry hook."""
+    context["tlt_s3_request"] = (model.name, str(params.get("Bucket", "")), str(params.get("Key", "")),
+                                 time.monotonic())
+
+
+def _needs_retry(attempts: int, operation: Any, request_dict: Mapping[str, Any], response: Any = None,
+                 caught_exception: BaseException | None = None, **_: Any) -> float | None:
+    """botocore ``needs-retry`` hook: seconds to wait before the next try, or None (success, permanent error)."""
+    found = transient_cause(response, caught_exception)
+    if found is None:
+        return None
+    name, bucket, key, started = (request_dict.get("context") or {}).get("tlt_s3_request") or (
+        operation.name, "?", "", time.monotonic())
+    return retry_delay(name, bucket, key, attempts, started, *found, error=caught_exception)
+
+
+@cache
+def _session_class() -> type:
+    from aiobotocore.session import AioSession
+
+    class RetryingSession(AioSession):  # type: ignore[misc]
+        """An aiobotocore session whose clients retry by this module's policy; pickles as a fresh one."""
+
+        def __init__(self, profile: str | None = None) -> None:
+            super().__init__(profile=profile)
+            self.tlt_profile = profile
+            self.register("before-parameter-build.s3", _remember_request, unique_id="tlt-s3-remember-request")
+            self.register("needs-retry.s3", _needs_retry, unique_id="tlt-s3-needs-retry")
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return retrying_session, (self.tlt_profile,)
+
+    return RetryingSession
+
+
+def retrying_session(profile: str | None = None) -> Any:
+    """An aiobotocore session (for s3fs's ``session`` option) whose S3 clients retry transient failures.
+
+    Its clients must have botocore's own retries off (``config_kwargs={"retries": {"mode": "standard",
+    "total_max_attempts": 1}}``), as :func:`storage_options` sets, or the two policies interfere.
+    """
+    return _session_class()(profile)
+
+
+@cache
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a response body's reader raises when the transfer breaks off (reset, cut short, timed out)."""
+    import aiohttp
+    import botocore.exceptions as bx
+
+    return (bx.ResponseStreamingError, bx.ReadTimeoutError, bx.IncompleteReadError, aiohttp.ClientPayloadError,
+            ConnectionError, TimeoutError)
 
 
 class S3Target:
@@ -105,14 +282,25 @@ class S3Target:
 
         if isinstance(exc, self._error):
             return None
+        if isinstance(exc, S3RetryError) and not exc.unreachable:
+            return self._error(f"{exc} (store {self.uri}, {self.where}): the service is overloaded or failing; "
+                               "retry later")
+        if isinstance(exc, bx.FlexibleChecksumError):
+            return self._error(
+                f"the S3 {self.where} sent bytes for store {self.uri} that do not match the checksum stored with "
+                f"the object ({exc}): corrupted in transit or in storage, and not used; retry, and if it persists "
+                "restore the object or publish a new version")
         if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
             return self._error(
                 f"no usable S3 credentials for {self.uri} at {self.where} ({exc}): set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary credentials) in the environment")
-        if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError)):
+        if isinstance(exc, (bx.ConnectionError, S3RetryError)):
             return self._error(
                 f"cannot reach the S3 {self.where} for store {self.uri}: {exc}; check that the server runs and "
                 "that AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or storage_options endpoint_url) point at it")
+        if isinstance(exc, (bx.HTTPClientError, *_body_errors())):
+            return self._error(f"the connection to the S3 {self.where} for store {self.uri} broke off mid-request: "
+                               f"{_describe(exc)}; retry later")
         if isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
             self._bucket_ok = False
             return self.missing_bucket()
@@ -145,14 +333,16 @@ class S3Target:
 class MultipartWriter:
     """A write-only S3 object: buffered into ``part_size`` parts uploaded concurrently, committed on close.
 
+    ``part_size`` and ``concurrency`` default to :data:`PART_SIZE` and :data:`UPLOAD_CONCURRENCY`.
+
     Smaller objects go up as one PUT. Nothing is visible under the key until :meth:`close` completes
     the upload; leaving the ``with`` block on an exception aborts it (a killed process leaves an
     invisible upload that :meth:`S3Target.abort_stale_uploads` removes).
     """
 
-    def __init__(self, fs: Any, path: str, part_size: int = PART_SIZE,
-                 concurrency: int = UPLOAD_CONCURRENCY) -> None:
-        self.fs, self.path, self.part_size, self.concurrency = fs, path, part_size, concurrency
+    def __init__(self, fs: Any, path: str, part_size: int | None = None, concurrency: int | None = None) -> None:
+        self.fs, self.path = fs, path
+        self.part_size, self.concurrency = part_size or PART_SIZE, concurrency or UPLOAD_CONCURRENCY
         self.bucket, self.key = fs.split_path(path)[:2]
         self._buf = bytearray()
         self._parts: list[Future[dict[str, Any]]] = []
@@ -235,8 +425,9 @@ class StreamReader:
     """A read-only S3 object fetched with one streaming GET and read block by block (``readinto``).
 
     One request per object (ranged GETs cost a request each, and some servers re-read the object for
-    every range). If the connection drops, reading resumes at the current offset with a ranged GET
-    pinned to the object's ETag, up to :data:`READ_RETRIES` times.
+    every range). If the transfer breaks off (reset, cut short, read timeout), reading resumes at the
+    current offset with a ranged GET pinned to the object's ETag, after a backoff, up to
+    :data:`RETRY_ATTEMPTS` tries per block; then :class:`S3RetryError`.
     """
 
     def __init__(self, fs: Any, path: str) -> None:
@@ -267,22 +458,23 @@ class StreamReader:
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` (fewer bytes only at the end of the object); returns the count."""
-        import botocore.exceptions as bx
         from fsspec.asyn import sync
 
         view = memoryview(buffer).cast("B")
-        for attempt in itertools.count(1):
+        attempts, started = 0, time.monotonic()
+        while True:
             try:
                 n = sync(self.fs.loop, self._fill, view)
-            except (bx.ResponseStreamingError, bx.ReadTimeoutError, bx.IncompleteReadError, ConnectionError):
-                if attempt >= READ_RETRIES:
-                    raise
+            except _body_errors() as exc:
+                attempts += 1
                 self._close_body()
+                time.sleep(retry_delay("GetObject", self.bucket, self.key, attempts, started,
+                                       f"the download broke off after byte {self.pos} of {self.size} "
+                                       f"({_describe(exc)})", error=exc))
                 self._get()  # resume at self.pos: this block is read again from its start
                 continue
             self.pos += n
             return n
-        raise AssertionError  # pragma: no cover
 
     def tell(self) -> int:
         return self.pos

@@ -51,7 +51,10 @@ SCENARIOS = {
     },
     "no-rbac-no-sa": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "tlt-sa"},
                       "dashboards": {"enabled": False}},
+    "grpc-tls": {"grpcTLS": {"enabled": True, "secretName": "tlt-grpc-tls"}},
 }
+TLS_ENV = ("TLT_GRPC_TLS_SECRET", "TLT_GRPC_TLS_CLIENT_AUTH", "TLT_TLS_SERVER_NAME", "TLT_TLS_CA", "TLT_TLS_CERT",
+           "TLT_TLS_KEY")
 
 
 def operator_container(docs):
@@ -99,9 +102,13 @@ def test_default_render_is_minimal(chart):
 
 def test_values_schema_rejects_mistakes(chart):
     chart.validate_schema(SCENARIOS["everything"])
+    chart.validate_schema(SCENARIOS["grpc-tls"])
     for bad in ({"operator": {"replicaz": 2}}, {"operator": {"watchNamespaces": ["team_*"]}},
                 {"image": {"pullPolicy": "Sometimes"}}, {"operator": {"logFormat": "xml"}},
-                {"metrics": {"serviceMonitor": {"interval": "often"}}}, {"unknown": 1}):
+                {"metrics": {"serviceMonitor": {"interval": "often"}}}, {"unknown": 1},
+                {"grpcTLS": {"enabled": "yes"}}, {"grpcTLS": {"secretName": "Bad_Name"}},
+                {"grpcTLS": {"serverName": ""}}, {"grpcTLS": {"requireClientCert": 1}},
+                {"grpcTLS": {"secretname": "x"}}):
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(bad)
         with pytest.raises(helm.HelmValuesError):
@@ -190,6 +197,40 @@ def test_s3_secret_needs_its_keys(chart):
     assert not find(docs, "Secret")
     _, container = operator_container(docs)
     assert {"name": "TLT_DEFAULT_S3_CREDENTIALS_SECRET", "value": "existing"} in container["env"]
+
+
+def test_grpc_tls_is_off_by_default(chart):
+    deployment, container = operator_container(render(chart))
+    assert not set(TLS_ENV) & {e["name"] for e in container["env"]}
+    assert [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]] == ["tmp"]
+    assert [m["name"] for m in container["volumeMounts"]] == ["tmp"]
+
+
+def test_grpc_tls_reaches_the_operator(chart):
+    deployment, container = operator_container(render(chart, SCENARIOS["grpc-tls"]))
+    env = {e["name"]: e["value"] for e in container["env"] if e["name"] in TLS_ENV}
+    assert env == {"TLT_GRPC_TLS_SECRET": "tlt-grpc-tls", "TLT_GRPC_TLS_CLIENT_AUTH": "true",
+                   "TLT_TLS_SERVER_NAME": "tlt-grpc", "TLT_TLS_CA": "/etc/tlt-tls/ca.crt",
+                   "TLT_TLS_CERT": "/etc/tlt-tls/tls.crt", "TLT_TLS_KEY": "/etc/tlt-tls/tls.key"}
+    # the operator's own SetRole client reads the files where the Secret is mounted
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "grpc-tls"]
+    assert mount == {"name": "grpc-tls", "mountPath": "/etc/tlt-tls", "readOnly": True}
+    assert all(env[name].startswith(mount["mountPath"] + "/") for name in ("TLT_TLS_CA", "TLT_TLS_CERT", "TLT_TLS_KEY"))
+    assert {"name": "grpc-tls", "secret": {"secretName": "tlt-grpc-tls"}} in deployment["spec"]["template"]["spec"][
+        "volumes"]
+    _, container = operator_container(render(chart, {"grpcTLS": {"enabled": True, "secretName": "s",
+                                                                 "serverName": "grpc.tlt.internal",
+                                                                 "requireClientCert": False}}))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TLT_GRPC_TLS_CLIENT_AUTH"] == "false" and env["TLT_TLS_SERVER_NAME"] == "grpc.tlt.internal"
+    # a secret name alone does not turn TLS on
+    _, container = operator_container(render(chart, {"grpcTLS": {"secretName": "s"}}))
+    assert not set(TLS_ENV) & {e["name"] for e in container["env"]}
+
+
+def test_grpc_tls_needs_a_secret(chart):
+    with pytest.raises(helm.HelmRenderError, match=r"grpcTLS\.secretName is required"):
+        render(chart, {"grpcTLS": {"enabled": True}})
 
 
 def test_monitors_follow_watched_namespaces(chart):

@@ -373,3 +373,25 @@ async def test_invalid_spec_is_reported_and_the_operator_keeps_going(running_ope
     await _wait_children(kube_api, "bad0")
     obj = await _wait_status(kube_api, "bad0", lambda o: o["status"].get("phase") == "Running", "bad0 Running")
     assert _condition(obj, "Failed")["status"] == "False"
+
+
+def test_chart_s3_defaults_fill_what_an_s3_rljob_leaves_unset():
+    env = {"TLT_DEFAULT_S3_ENDPOINT": "http://minio.minio.svc:9000", "TLT_DEFAULT_S3_REGION": "us-east-1",
+           "TLT_DEFAULT_S3_CREDENTIALS_SECRET": "tlt-s3"}
+
+    def rollout_container(rljob):
+        children = {(c["kind"], c["metadata"]["name"]): c for c in resources.build_children(rljob, None, env)}
+        (container,) = children["StatefulSet", "r-rollout"]["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in container["env"]}, container.get("envFrom")
+
+    on_s3 = {"name": "r", "store": {"uri": "s3://bucket/jobs/r"}}
+    got, env_from = rollout_container(rljob_manifest("r", job=on_s3))
+    assert got["AWS_ENDPOINT_URL"] == "http://minio.minio.svc:9000" and got["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env_from == [{"secretRef": {"name": "tlt-s3"}}]
+    # the RLJob's own settings win, field by field
+    got, env_from = rollout_container(rljob_manifest("r", job=on_s3, storage={"s3": {"endpoint": "http://own:9000"}}))
+    assert got["AWS_ENDPOINT_URL"] == "http://own:9000" and got["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env_from == [{"secretRef": {"name": "tlt-s3"}}]
+    # a job whose store is not on S3 gets no S3 settings
+    got, env_from = rollout_container(rljob_manifest("r", job={"name": "r"}))
+    assert "AWS_ENDPOINT_URL" not in got and env_from is None

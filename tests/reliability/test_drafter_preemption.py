@@ -1,64 +1,138 @@
-"""Drafter training preempted at random moments: every published version is complete and loads, each
-stint resumes from the last merged state, and acceptance keeps improving across preemptions."""
+"""Drafter training on spot workers, each a real process preempted at a random moment (SIGTERM: the
+unpushed work is pushed on the way out; SIGKILL: it is lost), pushing to a real drafter service process:
+every published version is complete and loads, each new worker resumes from the newest version, and
+acceptance keeps improving across preemptions."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import queue
 import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+import yaml
 
 from tests.integration.test_adaptive_drafter import acceptance, drift_policy
-from tlt.drafter.aggregator import DRAFTER_KIND, DrafterAggregator
-from tlt.drafter.spot import SpotDrafterTrainer
-from tlt.models.drafter_io import copy_drafter_tensors, drafter_state_dict, load_drafter
-from tlt.models.loader import load_model
+from tlt.config import JobSpec, apply_overrides, job_spec_from_dict
+from tlt.drafter.aggregator import DRAFTER_KIND
+from tlt.drafter.service import RemoteDrafter
+from tlt.models.drafter_io import copy_drafter_tensors, load_drafter
+from tlt.models.loader import load_model, save_model
 from tlt.rollout.engine import RolloutEngine
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 from tlt.store import ArtifactStore
 
+START_TIMEOUT_S = 120.0
 
-def test_random_preemptions_never_tear_a_version_and_acceptance_keeps_rising(tmp_path, demo_model_dir,
-                                                                                demo_drafter_dir):
+
+@contextlib.contextmanager
+def drafter_service(spec: JobSpec, directory: Path) -> Iterator[str]:
+    """A ``tlt serve drafter`` process for ``spec``; yields its address."""
+    config, port_file = directory / "job.yaml", directory / "drafter.port"
+    config.write_text(yaml.safe_dump(spec.to_dict()))
+    with open(directory / "drafter.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tlt.cli", "serve", "drafter", "--config", str(config),
+                                 "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, (directory / "drafter.log").read_text()
+            time.sleep(0.1)
+        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+class SpotWorker:
+    """tests/reliability/spot_worker.py as a process, with its output lines on a queue."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.spot_worker", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def until(self, prefix: str) -> str:
+        """The next output line starting with ``prefix`` (fails if the process ends first)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "\n".join(self.output)
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def rest(self) -> list[str]:
+        """Every line until the process has ended."""
+        while (line := self.lines.get(timeout=START_TIMEOUT_S)) is not None:
+            self.output.append(line)
+        return self.output
+
+
+def test_preempted_spot_processes_never_tear_a_version_and_acceptance_keeps_rising(tmp_path, demo_model_dir,
+                                                                                    demo_drafter_dir):
     policy = load_model(demo_model_dir, dtype="float32")
     drift_policy(policy)
     target = policy.to(torch.bfloat16)
+    save_model(target, tmp_path / "drifted", json.loads((demo_model_dir / "config.json").read_text()))
     drafter = load_drafter(demo_drafter_dir, target)
     tuner = BegMabTuner(TunerConfig(sd_batch_threshold=10**6, strategies=[SpecStrategy.parse("4_2_8")],
                                     allow_sd_off_arm=False))
     engine = RolloutEngine(target, max_running=32, drafter=drafter, tuner=tuner)
     levels = [acceptance(engine, seed=5)]
     _, prompts, outs = levels[0]
+    examples = tmp_path / "examples.json"
+    examples.write_text(json.dumps([[p, o.token_ids] for p, o in zip(prompts, outs)]))
 
-    store = ArtifactStore(tmp_path / "store")
-    aggregator = DrafterAggregator(load_drafter(demo_drafter_dir, target).float(), store, 0)
-    spot = SpotDrafterTrainer(target, drafter, lambda d, t: aggregator.push_delta("w0", d, t), lr=1e-3,
-                              batch_size=8, push_every=5, ttt_steps=4, seed=1)
-    for p, o in zip(prompts, outs):
-        spot.add_response(p, o.token_ids)
+    spec = job_spec_from_dict(apply_overrides({}, {"output_dir": str(tmp_path / "run")}))
+    Path(spec.output_dir).mkdir(parents=True)
+    store = ArtifactStore(spec.store_uri)
     rng = random.Random(0)
-    trained = 0
-    for round_ in range(2):
-        while trained < 30 * (round_ + 1):
-            budget = rng.randint(1, 9)  # preempted after a random number of steps, mid push interval
-            steps = {"n": 0}
-
-            def preempt(budget=budget, steps=steps) -> bool:
-                steps["n"] += 1
-                return steps["n"] > budget
-
-            version, base = aggregator.base()
-            spot.start_from(base)  # resume from the last merged state, never from a stale copy
-            report = spot.train(preempt)
-            assert report.preempted and report.steps == budget
-            trained += report.steps
-            published = aggregator.publish({"stint": budget})
-            assert published == version + 1  # the partial work since the last push was pushed on preemption
-            latest = store.latest(DRAFTER_KIND)
-            assert latest.version == published
-            loaded = store.load_tensors(DRAFTER_KIND, published)  # verified against the manifest's checksum
-            for name, value in drafter_state_dict(aggregator.drafter).items():
-                assert torch.equal(loaded[name], value.to(loaded[name].dtype)), name
-        copy_drafter_tensors(drafter, drafter_state_dict(aggregator.drafter), "aggregated drafter")
-        levels.append(acceptance(engine, seed=6 + round_))
+    pushed, kills = 0, []
+    with drafter_service(spec, Path(spec.output_dir)) as address:
+        remote = RemoteDrafter(address)
+        for round_ in range(2):
+            while pushed < 12 * (round_ + 1):
+                before = store.latest(DRAFTER_KIND).version
+                worker = SpotWorker(["--model", str(tmp_path / "drifted"),
+                                     "--drafter-init", str(demo_drafter_dir), "--store", spec.store_uri,
+                                     "--aggregator", address, "--examples", str(examples),
+                                     "--seed", str(len(kills))])
+                assert worker.until("start version=") == f"start version={before}"  # resumes from the newest
+                worker.until("pushed steps=")
+                time.sleep(rng.uniform(0.0, 2.0))  # preempted at a random moment, often mid push interval
+                sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
+                kills.append(sig)
+                worker.proc.send_signal(sig)
+                worker.proc.wait(60)
+                counts = [int(line.split("=")[1]) for line in worker.rest() if line.startswith("pushed steps=")]
+                pushed += counts[-1]
+                published = remote.publish({"step": len(kills)})
+                assert published == before + 1 == store.latest(DRAFTER_KIND).version, worker.output
+                loaded = store.load_tensors(DRAFTER_KIND, published)  # complete and verified
+                assert all(torch.isfinite(t).all() for t in loaded.values())
+            copy_drafter_tensors(drafter, store.load_tensors(DRAFTER_KIND, published), f"drafter v{published}")
+            levels.append(acceptance(engine, seed=6 + round_))
+        status = remote.status()
+        remote.close()
+    assert {signal.SIGTERM, signal.SIGKILL} <= set(kills)  # both kinds of preemption happened
+    assert status.version == published and status.pending_workers == 0
+    assert not [p for p in Path(store.root, DRAFTER_KIND).iterdir() if p.name.startswith(".staging-")]
     lengths = [level[0] for level in levels]
     assert lengths[1] > lengths[0] + 0.2 and lengths[2] > lengths[0] + 0.5, lengths

@@ -51,6 +51,8 @@ def store(request, tmp_path):
 
 def _put(store: ArtifactStore, path: str, data: bytes) -> None:
     store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if store.local and os.path.exists(path):  # published files are read-only: replace, as a bad copy would
+        os.unlink(path)
     store.fs.pipe_file(path, data)
 
 
@@ -622,3 +624,97 @@ def test_a_full_disk_maps_to_resource_exhausted_over_grpc():
     full = error._failure("publish policy v1", OSError(errno.ENOSPC, "No space left on device"), Path("/tmp"), 10)
     assert isinstance(full, StoreFullError) and "No space left" in str(full)
     assert status_for(full) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---- zero-copy transport on one filesystem: publish(move=True) and fetch's hard links ---------------
+
+
+def test_move_publish_renames_the_producers_file_into_the_version(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    scratch = store.scratch_path("policy", "model.safetensors")
+    scratch.write_bytes(WEIGHTS)
+    inode = scratch.stat().st_ino
+    config = tmp_path / "config.json"  # not in the store's directory, but on its filesystem: moved as well
+    config.write_bytes(b"{}")
+    m = store.publish("policy", 1, {"model.safetensors": scratch, "config.json": config}, move=True)
+    published = Path(store._version_dir("policy", 1)) / "model.safetensors"
+    assert published.stat().st_ino == inode  # renamed, never copied
+    assert not scratch.exists() and not config.exists()
+    assert published.stat().st_mode & 0o777 == 0o444  # published files never change
+    assert m.files["model.safetensors"] == FileEntry("xxh3_128", _xxh3(WEIGHTS), len(WEIGHTS))
+    assert torch.equal(store.load_tensors("policy", 1)["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_failed_move_publish_gives_the_files_back(tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"a.json": b"1"})
+    src = store.scratch_path("policy", "a.json")
+    src.write_bytes(b"2")
+    with pytest.raises(VersionExistsError):  # a conflict: nothing accepted
+        store.publish("policy", 1, {"a.json": src}, move=True)
+    assert src.read_bytes() == b"2"
+    real_rename = os.rename
+
+    def rename(a, b):
+        if Path(b).name == "v00000002":
+            raise OSError(5, "Input/output error")  # the commit itself fails
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(StoreError, match=r"publish policy v2 .* failed"):
+        store.publish("policy", 2, {"a.json": src}, move=True)
+    monkeypatch.undo()
+    assert src.read_bytes() == b"2" and os.access(src, os.W_OK)
+    assert store.versions("policy") == [1]
+    assert store.publish("policy", 1, {"a.json": store_bytes(tmp_path, b"1")}, move=True).version == 1
+
+
+def store_bytes(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / f"src-{uuid.uuid4().hex}.json"
+    path.write_bytes(data)
+    return path
+
+
+def test_move_publish_of_an_identical_retry_or_another_filesystem_consumes_the_source(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"a.json": b"1"})
+    retry = store_bytes(tmp_path, b"1")
+    store.publish("policy", 1, {"a.json": retry}, move=True)  # the same content: accepted, so taken
+    assert not retry.exists()
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to publish from")
+    other = shm / f"tlt-test-{uuid.uuid4().hex}.json"
+    other.write_bytes(b"2")
+    try:
+        store.publish("policy", 2, {"a.json": other}, move=True)  # copied across filesystems, then removed
+        assert not other.exists() and store.read_bytes("policy", 2, "a.json") == b"2"
+    finally:
+        other.unlink(missing_ok=True)
+
+
+def test_fetch_hard_links_verified_files_on_the_same_filesystem(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"model.safetensors": WEIGHTS, "a.json": b"1"})
+    stored = Path(store._version_dir("policy", 1)) / "model.safetensors"
+    linked = store.fetch("policy", 1, tmp_path / "linked", link=True) / "model.safetensors"
+    copied = store.fetch("policy", 1, tmp_path / "copied") / "model.safetensors"  # private copies by default
+    assert linked.stat().st_ino == stored.stat().st_ino
+    assert copied.stat().st_ino != stored.stat().st_ino and os.access(copied, os.W_OK)
+    assert linked.read_bytes() == copied.read_bytes() == WEIGHTS
+    _tamper(store, "policy", 1, "a.json", b"2")  # a damaged store file is refused, linked or not
+    with pytest.raises(StoreIntegrityError, match=r"does not match the manifest"):
+        store.fetch("policy", 1, tmp_path / "again", link=True)
+    assert not (tmp_path / "again").exists()
+
+
+def test_scratch_paths_are_local_only_and_collected_when_stale(tmp_path):
+    assert ArtifactStore(f"memory://tlt-test-{uuid.uuid4().hex}").scratch_path("policy", "a.json") is None
+    store = ArtifactStore(tmp_path / "s")
+    left = store.scratch_path("policy", "model.safetensors")
+    left.write_bytes(WEIGHTS)  # a producer that died before publishing
+    assert store.versions("policy") == [] and store.latest("policy") is None
+    store.gc("policy", keep=1, stale_after_s=0)
+    assert not left.exists()
+    with pytest.raises(StoreError, match=r"scratch"):
+        store.scratch_path("policy", "../escape.json")

@@ -37,6 +37,8 @@ class ProgressDisplay:
             tqdm.write(f"  held-out reward after step {event['step']}: {event['reward']:.3f}")
         elif kind in ("worker_failed", "worker_down"):
             tqdm.write(self.worker_line(event))
+        elif kind in ("service_down", "service_back"):
+            tqdm.write(self.service_line(event))
         elif kind == "step_end":
             self._close_rollout()
             self.steps.update(1)
@@ -50,6 +52,12 @@ class ProgressDisplay:
         acc = event.get("acceptance_length")
         tail = "TAIL " if event.get("tail") else ""
         return f"{tail}running={running} roles[{roles}]" + (f" acc={acc:.2f}" if acc else "")
+
+    @staticmethod
+    def service_line(event: dict) -> str:
+        if event["event"] == "service_down":
+            return f"  warning: the {event['service']} service went away, waiting for its restart ({event['error']})"
+        return f"  the {event['service']} service is back; carrying on"
 
     @staticmethod
     def worker_line(event: dict) -> str:

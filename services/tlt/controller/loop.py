@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import torch
 
 from tlt import metrics as m
@@ -30,12 +32,16 @@ from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.worker import POLICY_KIND, RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
+from tlt.rpc.client import wait_ready
 from tlt.rpc.errors import RpcError
 from tlt.store import ArtifactStore
 from tlt.trainer.policy import Sample
 from tlt_operator.planner import JobProgress, PlannerConfig, WorkerProgress, in_long_tail, plan_roles, role_changes
 
 PLANNER_PERIOD_S = 0.02
+SERVICE_RESTART_TIMEOUT_S = 300.0  # how long to wait for a dead trainer/drafter to serve again (a pod restart)
+MAX_SERVICE_RESTARTS = 3  # restarts survived per call before the job gives up
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Controller:
         self.step = 0
         self.active: list = []
         self.failed_workers: list[str] = []
+        self._revived: set[str] = set()  # services the supervisor restarted, not yet caught up
         self.status = {"phase": "update", "pending": 0, "last_step": {}, "reward_mean": None, "heldout": None,
                        "acceptance_length": None, "policy_version": None, "drafter_version": None}
         self._check_fresh_or_resumable()
@@ -159,15 +166,13 @@ class Controller:
         self.on_event({"event": "rollout_start", "step": step, "total": len(requests)})
         results, summaries, tail_s, rollout_s = self._rollout(requests)
         t1 = time.perf_counter()
-        new_drafter = self.drafter.publish({"step": step}) if self.drafter is not None else None
+        new_drafter = self._publish_drafter(step) if self.drafter is not None else None
         samples, texts = self._score(batch, requests, results)
         comp.set_threads(self.total_threads)
         self.on_event({"event": "train_start", "step": step})
-        train_metrics = self.trainer.train_step(samples)
-        self.step = step
-        self._checkpoint(summaries)  # before publishing: a crash in between republishes on resume
+        train_metrics = self._train(step, samples, summaries)
         t2 = time.perf_counter()
-        self.trainer.publish_policy(step)
+        self._surviving("trainer", self.trainer, lambda: self.trainer.publish_policy(step), self._restore_trainer)
         self.store.gc(POLICY_KIND, keep=spec.store.keep)
         if self.drafter is not None:
             self.store.gc(DRAFTER_KIND, keep=spec.store.keep)
@@ -192,14 +197,78 @@ class Controller:
         self.on_event({"event": "step_end", "step": step, "record": record})
         return record
 
+    # ---- surviving a trainer or drafter restart --------------------------------------------------
+
+    def _surviving(self, name: str, service, call: Callable[[], _T], after_restart: Callable[[], None] | None = None
+                   ) -> _T:
+        """``call()``; if ``service`` went away (UNAVAILABLE), wait until it serves again (restarted by the
+        supervisor here, by Kubernetes in a cluster), run ``after_restart`` and call again."""
+        for attempt in range(MAX_SERVICE_RESTARTS + 1):
+            try:
+                return call()
+            except RpcError as exc:
+                if self.inproc or exc.code != grpc.StatusCode.UNAVAILABLE or attempt == MAX_SERVICE_RESTARTS:
+                    raise
+                self.on_event({"event": "service_down", "service": name, "error": str(exc)})
+                self._supervise()
+                wait_ready(service.channel, service.address, SERVICE_RESTART_TIMEOUT_S)
+                self.on_event({"event": "service_back", "service": name})
+                if after_restart is not None:
+                    after_restart()
+        raise AssertionError("unreachable")
+
+    def _supervise(self) -> None:
+        """Let the supervisor restart dead services; restarted rollout workers reload versions next step."""
+        if self.supervisor is not None:
+            self._revived.update(self.supervisor() or ())
+
+    def _restore_trainer(self) -> None:
+        """Put a restarted trainer back to the last checkpoint (a fresh one already is at step 0)."""
+        ckpt = self.out_dir / "checkpoint" / "trainer"
+        if ckpt.is_dir():
+            self.trainer.load_checkpoint(ckpt)
+        elif self.trainer.optimizer_steps != 0:
+            raise RpcError("the trainer service lost its answer before the first checkpoint and kept its state; "
+                           "restart the job to resume", grpc.StatusCode.ABORTED)
+
+    def _train(self, step: int, samples: list[Sample], summaries: list[WorkerStepSummary]) -> dict:
+        """GRPO on the step's samples, then the checkpoint (before publishing: a crash in between republishes
+        on resume). A trainer restart is rolled back to the checkpoint and the update redone unless the
+        checkpoint already holds it (then only its metrics are lost)."""
+        before = self._surviving("trainer", self.trainer, lambda: self.trainer.optimizer_steps, self._restore_trainer)
+        metrics: dict | None = None
+
+        def attempt() -> dict:
+            nonlocal metrics
+            if metrics is None:
+                metrics = self.trainer.train_step(samples)
+            self.step = step
+            self._checkpoint(summaries)
+            return metrics
+
+        def restored() -> None:
+            nonlocal metrics
+            self._restore_trainer()
+            self.step = step - 1
+            metrics = (metrics or {}) if self.trainer.optimizer_steps != before else None
+
+        return self._surviving("trainer", self.trainer, attempt, restored)
+
+    def _publish_drafter(self, step: int) -> int | None:
+        """Merge the step's drafter deltas into a new version; a restarted drafter service has lost the
+        unmerged ones and starts again from the newest version in the store."""
+        return self._surviving("drafter", self.drafter, lambda: self.drafter.publish({"step": step}))
+
     def _load_newest(self) -> tuple[int, int | None]:
         """Load the newest versions into every reachable worker; the unreachable ones sit this step out
         (``self.active``), the job goes on while at least one answers."""
-        if self.supervisor is not None:
-            revived = set(self.supervisor() or ())
-            for worker in self.workers:
-                if worker.name in revived:
-                    worker.wait_ready()
+        self._supervise()
+        revived, self._revived = self._revived, set()
+        if "trainer" in revived:  # died between steps
+            self._restore_trainer()
+        for worker in self.workers:
+            if worker.name in revived:
+                worker.wait_ready()
         policy = self.store.latest(POLICY_KIND)
         drafter = self.store.latest(DRAFTER_KIND) if self.drafter is not None else None
         self.active = []
@@ -348,7 +417,8 @@ class Controller:
     def _drafter_record(summaries: list[WorkerStepSummary]) -> dict:
         report = sum_reports([r for s in summaries for r in s.drafter])
         return {"steps": report.steps, "tokens": report.tokens, "pushes": report.pushes, "seconds": report.seconds,
-                "loss": report.last_loss, "preemptions": sum(r.preempted for s in summaries for r in s.drafter)}
+                "loss": report.last_loss, "preemptions": sum(r.preempted for s in summaries for r in s.drafter),
+                "failed_pushes": report.failed_pushes}
 
     def _checkpoint(self, summaries: list[WorkerStepSummary]) -> None:
         """Trainer state, sampler position, tuner states and versions, so a restart resumes exactly."""

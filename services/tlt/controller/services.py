@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlt.config import JobSpec
+from tlt.rpc.tls import ClientTLS
 from tlt.store import ArtifactStore
 
 
 @dataclass(frozen=True)
 class ServiceAddresses:
-    """Where the services listen (``host:port``)."""
+    """Where the services listen (``host:port``), and how to reach them: TLS with ``tls``, else plaintext."""
 
     rollout: tuple[str, ...]
     drafter: str | None
     trainer: str
+    tls: ClientTLS | None = None
 
 
 @dataclass
@@ -57,24 +59,23 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
 
 
 def connect(addresses: ServiceAddresses, timeout: float = 120.0) -> Services:
-    """gRPC handles on running services (waits until each reports SERVING)."""
+    """gRPC handles on running services (waits until each reports SERVING); over TLS when ``addresses.tls``."""
     from tlt.drafter.service import RemoteDrafter
     from tlt.rollout.service import RemoteRolloutWorker
-    from tlt.rpc.client import wait_ready
+    from tlt.rpc.client import open_channel, wait_ready
     from tlt.trainer.service import RemoteTrainer
 
-    trainer = RemoteTrainer(addresses.trainer)
-    wait_ready(trainer.channel, addresses.trainer, timeout)
+    tls = addresses.tls
+    trainer = RemoteTrainer(addresses.trainer, tls=tls)
+    trainer.wait_ready(timeout)
     drafter = None
     if addresses.drafter:
-        drafter = RemoteDrafter(addresses.drafter)
-        wait_ready(drafter.channel, addresses.drafter, timeout)
+        drafter = RemoteDrafter(addresses.drafter, tls=tls)
+        drafter.wait_ready(timeout)
     workers = []
     for address in addresses.rollout:
-        from tlt.rpc.client import open_channel
-
-        with open_channel(address) as channel:
+        with open_channel(address, tls) as channel:  # the handle asks the worker for its progress at once
             wait_ready(channel, address, timeout)
-        workers.append(RemoteRolloutWorker(address))
+        workers.append(RemoteRolloutWorker(address, tls=tls))
     handles = [trainer, *([drafter] if drafter else []), *workers]
     return Services(workers, drafter, trainer, [h.close for h in handles])

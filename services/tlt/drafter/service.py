@@ -20,7 +20,7 @@ from tlt.drafter.aggregator import DRAFTER_KIND, AggregatorStatus, DrafterAggreg
 from tlt.errors import InvalidRequestError
 from tlt.models.drafter_io import copy_drafter_tensors
 from tlt.models.transformer import CausalLM
-from tlt.rpc.client import call, open_channel
+from tlt.rpc.client import RemoteClient
 from tlt.rpc.server import ServicerBase, chunks, rpc_method
 from tlt.rpc.v1 import drafter_pb2, drafter_pb2_grpc
 from tlt.store import ArtifactStore
@@ -115,17 +115,12 @@ class DrafterServicer(ServicerBase, drafter_pb2_grpc.DrafterServicer):
                                                  deltas_rejected=self.rejected)
 
 
-class RemoteDrafter:
+class RemoteDrafter(RemoteClient):
     """The aggregator's methods over gRPC (for rollout workers and the controller)."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.channel = open_channel(address)
-        self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
-
-    def _what(self, method: str) -> str:
-        return f"{method} on drafter service at {self.address}"
+    stub_class = drafter_pb2_grpc.DrafterStub
+    peer = "drafter service"
+    default_timeout = 60.0
 
     def push_delta(self, worker: str, delta: dict[str, torch.Tensor], tokens: int) -> None:
         payload = save_safetensors({k: v.detach().float().contiguous() for k, v in delta.items()})
@@ -136,25 +131,17 @@ class RemoteDrafter:
             for piece in chunks(payload):
                 yield drafter_pb2.DeltaChunk(data=piece)
 
-        call(self.stub.PushDelta, stream(), self._what("PushDelta"), self.timeout)
+        self._call("PushDelta", stream())
 
     def publish(self, metadata: dict | None = None) -> int | None:
         step = int((metadata or {}).get("step", 0))
-        reply = call(self.stub.Publish, drafter_pb2.PublishDrafterRequest(step=step), self._what("Publish"),
-                     self.timeout)
+        reply = self._call("Publish", drafter_pb2.PublishDrafterRequest(step=step))
         return reply.version if reply.published else None
 
     @property
     def version(self) -> int:
-        return call(self.stub.LatestVersion, drafter_pb2.LatestVersionRequest(), self._what("LatestVersion"),
-                    self.timeout).version
+        return self._call("LatestVersion", drafter_pb2.LatestVersionRequest()).version
 
     def status(self) -> AggregatorStatus:
-        s = call(self.stub.Status, drafter_pb2.DrafterStatusRequest(), self._what("Status"), self.timeout)
+        s = self._call("Status", drafter_pb2.DrafterStatusRequest())
         return AggregatorStatus(s.version, s.pending_workers, s.pending_tokens, s.deltas_received, 0)
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-

@@ -10,12 +10,14 @@ the work since the last push is pushed on the way out.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from tlt.drafter.aggregator import trainable_state
@@ -23,6 +25,10 @@ from tlt.drafter.trainer import eagle3_loss, target_batch
 from tlt.drafter.warmup import Example, collate
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
+from tlt.rpc.errors import RpcError
+
+log = logging.getLogger(__name__)
+AGGREGATOR_AWAY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # worth keeping the work for
 
 PushFn = Callable[[dict[str, torch.Tensor], int], None]
 
@@ -38,6 +44,7 @@ class SpotReport:
     last_loss: float | None = None
     last_accuracy: list[float] | None = None
     preempted: bool = False
+    failed_pushes: int = 0  # pushes the aggregator did not take; their work rides on the next push
 
 
 class SpotDrafterTrainer:
@@ -124,7 +131,14 @@ class SpotDrafterTrainer:
             return
         current = trainable_state(self.drafter)
         delta = {name: current[name] - self._anchor[name] for name in current}
-        self.push(delta, self._unpushed_tokens)
+        try:
+            self.push(delta, self._unpushed_tokens)
+        except RpcError as exc:
+            if exc.code not in AGGREGATOR_AWAY:
+                raise
+            report.failed_pushes += 1  # the aggregator is away (a restarting drafter service): keep the work
+            log.warning("drafter delta push failed, kept for the next push: %s", exc)
+            return
         self._anchor = current
         self._unpushed_tokens = 0
         report.pushes += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue as queue_mod
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -23,9 +24,10 @@ from tlt.rollout.worker import (
     sum_reports,
 )
 from tlt.rpc import convert
-from tlt.rpc.client import call, open_channel
+from tlt.rpc.client import RemoteClient
 from tlt.rpc.errors import ConflictError, RpcError, from_grpc
 from tlt.rpc.server import ServicerBase, rpc_method
+from tlt.rpc.tls import ClientTLS
 from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
 from tlt_operator.planner import ROLLOUT, Role, WorkerProgress
 
@@ -165,8 +167,6 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
 
     @staticmethod
     def _load(load: Callable[[int], bool], version: int, current: Callable[[], int]):
-        import time
-
         start = time.perf_counter()
         loaded = load(version)
         return rollout_pb2.LoadVersionResponse(version=current(), loaded=loaded,
@@ -215,30 +215,22 @@ def summary_from_proto(worker: str, msg: rollout_pb2.StepSummary) -> WorkerStepS
                              convert.stats_from_proto(msg.stats), reports, msg.policy_version, msg.drafter_version)
 
 
-class RemoteRolloutWorker:
+class RemoteRolloutWorker(RemoteClient):
     """The controller's handle on a rollout worker served at ``address`` (same methods as RolloutWorker)."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.channel = open_channel(address)
-        self.stub = rollout_pb2_grpc.RolloutStub(self.channel)
+    stub_class = rollout_pb2_grpc.RolloutStub
+    peer = "rollout worker"
+    default_timeout = 60.0
+
+    def __init__(self, address: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
+        super().__init__(address, timeout, tls)
         self._last = self._progress_rpc()
         self.name = self._last.name
         self.max_running = self._last.max_running
         self._role: Role = convert.ROLE_FROM_PROTO.get(self._last.role, ROLLOUT)
 
-    def _what(self, method: str) -> str:
-        return f"{method} on rollout worker at {self.address}"
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until the worker serves again (after a restart)."""
-        from tlt.rpc.client import wait_ready
-
-        wait_ready(self.channel, self.address, timeout)
-
     def _progress_rpc(self) -> rollout_pb2.ProgressResponse:
-        return call(self.stub.Progress, rollout_pb2.ProgressRequest(), self._what("Progress"), self.timeout)
+        return self._call("Progress", rollout_pb2.ProgressRequest())
 
     @property
     def policy_version(self) -> int:
@@ -257,20 +249,17 @@ class RemoteRolloutWorker:
         return self._role
 
     def load_policy(self, version: int = -1) -> bool:
-        reply = call(self.stub.LoadPolicy, rollout_pb2.LoadVersionRequest(version=version),
-                     self._what("LoadPolicy"), self.timeout)
+        reply = self._call("LoadPolicy", rollout_pb2.LoadVersionRequest(version=version))
         self._last.policy_version = reply.version
         return reply.loaded
 
     def load_drafter(self, version: int = -1) -> bool:
-        reply = call(self.stub.LoadDrafter, rollout_pb2.LoadVersionRequest(version=version),
-                     self._what("LoadDrafter"), self.timeout)
+        reply = self._call("LoadDrafter", rollout_pb2.LoadVersionRequest(version=version))
         self._last.drafter_version = reply.version
         return reply.loaded
 
     def set_role(self, role: Role) -> Role:
-        reply = call(self.stub.SetRole, rollout_pb2.SetRoleRequest(role=convert.ROLE_TO_PROTO[role]),
-                     self._what("SetRole"), self.timeout)
+        reply = self._call("SetRole", rollout_pb2.SetRoleRequest(role=convert.ROLE_TO_PROTO[role]))
         self._role = role
         return convert.ROLE_FROM_PROTO.get(reply.previous, ROLLOUT)
 
@@ -283,14 +272,12 @@ class RemoteRolloutWorker:
         return convert.stats_from_proto(self._last.stats)
 
     def tuner_state(self) -> dict | None:
-        reply = call(self.stub.DrafterTraining, rollout_pb2.DrafterTrainingRequest(), self._what("DrafterTraining"),
-                     self.timeout)
+        reply = self._call("DrafterTraining", rollout_pb2.DrafterTrainingRequest())
         return json.loads(reply.tuner_state_json) if reply.tuner_state_json else None
 
     def load_tuner_state(self, state: dict | None) -> None:
         if state:
-            call(self.stub.DrafterTraining, rollout_pb2.DrafterTrainingRequest(load_tuner_state_json=json.dumps(state)),
-                 self._what("DrafterTraining"), self.timeout)
+            self._call("DrafterTraining", rollout_pb2.DrafterTrainingRequest(load_tuner_state_json=json.dumps(state)))
 
     def run_rollout(self, queue: RequestQueue, on_result: Callable[[RolloutRequest, RequestOutput], None],
                     step_over: threading.Event) -> WorkerStepSummary:
@@ -337,6 +324,3 @@ class RemoteRolloutWorker:
         if summary is None:
             raise RpcError(f"{self._what('Generate')}: the stream ended without a step summary")
         return summary
-
-    def close(self) -> None:
-        self.channel.close()

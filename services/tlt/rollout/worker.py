@@ -120,7 +120,8 @@ def sum_reports(reports: list[SpotReport]) -> SpotReport:
     losses = [r.last_loss for r in reports if r.last_loss is not None]
     return SpotReport(steps=sum(r.steps for r in reports), tokens=sum(r.tokens for r in reports),
                       pushes=sum(r.pushes for r in reports), seconds=sum(r.seconds for r in reports),
-                      last_loss=losses[-1] if losses else None, preempted=any(r.preempted for r in reports))
+                      last_loss=losses[-1] if losses else None, preempted=any(r.preempted for r in reports),
+                      failed_pushes=sum(r.failed_pushes for r in reports))
 
 
 class RolloutWorker:

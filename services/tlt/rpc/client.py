@@ -1,19 +1,21 @@
-"""Client side of the TLT services: channels with retries for idempotent calls, deadlines on every
-call, readiness waiting through the standard health service, and :func:`set_worker_role` for the
-operator."""
+"""Client side of the TLT services: channels (plaintext, or TLS with :class:`~tlt.rpc.tls.ClientTLS`) with
+retries for idempotent calls, deadlines on every call, readiness waiting through the standard health service,
+:class:`RemoteClient` (the base of the controller's handles on the services) and :func:`set_worker_role` for
+the operator."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tlt.rpc.errors import RpcError, from_grpc
 from tlt.rpc.server import MAX_MESSAGE_BYTES
+from tlt.rpc.tls import ClientTLS
 
 # Calls that are safe to repeat: gRPC retries them on UNAVAILABLE with exponential backoff. Streams that
 # carry work (Generate, PushDelta, TrainStep) and the drafter Publish are not retried automatically.
@@ -41,9 +43,11 @@ CHANNEL_OPTIONS = [
 DEFAULT_TIMEOUT_S = 30.0
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """An insecure channel to ``host:port`` with TLT's retry policy and message limits."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    """A channel to ``host:port`` with TLT's retry policy and message limits: TLS with ``tls``, else plaintext."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.channel_options()])
 
 
 def call(method: Callable, request: Any, what: str, timeout: float | None = DEFAULT_TIMEOUT_S, **kwargs) -> Any:
@@ -72,13 +76,49 @@ def wait_ready(channel: grpc.Channel, address: str, timeout: float = 60.0, servi
                    grpc.StatusCode.UNAVAILABLE)
 
 
-def set_worker_role(address: str, role: str, timeout: float = 5.0) -> None:
-    """Move the rollout worker at ``address`` to ``role`` ("rollout" or "drafter")."""
+class RemoteClient:
+    """Base of the handles on a service at ``address``: one channel (TLS with ``tls``), the service's stub,
+    a default deadline, and failures named after the peer (``<method> on <peer> at <address>``).
+
+    Subclasses set ``stub_class`` (the generated stub), ``peer`` (how errors name the service) and
+    ``default_timeout`` (the deadline of a call, in seconds, when the constructor is not given one).
+    """
+
+    stub_class: ClassVar[Callable[[grpc.Channel], Any]]
+    peer: ClassVar[str] = "service"
+    default_timeout: ClassVar[float] = 60.0
+
+    def __init__(self, address: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
+        self.address = address
+        self.timeout = self.default_timeout if timeout is None else timeout
+        self.channel = open_channel(address, tls)
+        self.stub = self.stub_class(self.channel)
+
+    def _what(self, method: str) -> str:
+        return f"{method} on {self.peer} at {self.address}"
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """The stub's ``method`` with ``request`` under a deadline (default: ``self.timeout``)."""
+        return call(getattr(self.stub, method), request, self._what(method),
+                    self.timeout if timeout is None else timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the service reports SERVING (e.g. after a restart)."""
+        wait_ready(self.channel, self.address, timeout)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+
+def set_worker_role(address: str, role: str, timeout: float = 5.0, tls: ClientTLS | None = None) -> None:
+    """Move the rollout worker at ``address`` to ``role`` ("rollout" or "drafter"). Over TLS with ``tls``,
+    else with the ``TLT_TLS_*`` environment (how the operator is configured), else plaintext."""
     from tlt.rpc.convert import ROLE_TO_PROTO
     from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
 
     if role not in ROLE_TO_PROTO:
         raise RpcError(f"role must be one of {sorted(ROLE_TO_PROTO)}, got {role!r}", grpc.StatusCode.INVALID_ARGUMENT)
-    with open_channel(address) as channel:
+    with open_channel(address, tls or ClientTLS.from_env()) as channel:
         stub = rollout_pb2_grpc.RolloutStub(channel)
         call(stub.SetRole, rollout_pb2.SetRoleRequest(role=ROLE_TO_PROTO[role]), f"SetRole on {address}", timeout)

@@ -59,7 +59,7 @@ def stats_from_proto(msg: common_pb2.SpecDecodeStats) -> SpecDecodeStats:
 
 def report_to_proto(r: SpotReport) -> rollout_pb2.DrafterTrainingReport:
     msg = rollout_pb2.DrafterTrainingReport(steps=r.steps, tokens=r.tokens, pushes=r.pushes, seconds=r.seconds,
-                                            preemptions=int(r.preempted))
+                                            preemptions=int(r.preempted), failed_pushes=r.failed_pushes)
     if r.last_loss is not None:
         msg.last_loss = r.last_loss
     return msg
@@ -68,7 +68,7 @@ def report_to_proto(r: SpotReport) -> rollout_pb2.DrafterTrainingReport:
 def report_from_proto(msg: rollout_pb2.DrafterTrainingReport) -> SpotReport:
     return SpotReport(steps=msg.steps, tokens=msg.tokens, pushes=msg.pushes, seconds=msg.seconds,
                       last_loss=msg.last_loss if msg.HasField("last_loss") else None,
-                      preempted=msg.preemptions > 0)
+                      preempted=msg.preemptions > 0, failed_pushes=msg.failed_pushes)
 
 
 def sample_to_proto(s: Sample) -> trainer_pb2.Sample:

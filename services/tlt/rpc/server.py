@@ -1,5 +1,6 @@
 """Shared gRPC server plumbing for the TLT services: error mapping and metrics per method, the standard
-health and reflection services, message size limits, and graceful shutdown that drains in-flight RPCs."""
+health and reflection services, message size limits, optional TLS (:class:`~tlt.rpc.tls.ServerTLS`), and
+graceful shutdown that drains in-flight RPCs."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from tlt.errors import PortInUseError
 from tlt.metrics import RpcMetrics
 from tlt.rpc.errors import status_for
+from tlt.rpc.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),  # a second service on a taken port fails instead of silently sharing its traffic
 ]
 
 
@@ -95,6 +99,7 @@ class GrpcServer:
     port: int
     service_names: list[str]
     health: health.HealthServicer
+    tls: ServerTLS | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
@@ -115,9 +120,9 @@ class GrpcServer:
 
 
 def start_server(services: list[tuple[Callable, object, str]], host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 16) -> GrpcServer:
+                 max_workers: int = 16, tls: ServerTLS | None = None) -> GrpcServer:
     """Start a server for ``(add_XServicer_to_server, servicer, full service name)`` triples on
-    ``host:port`` (port 0: any free port, see ``.port``)."""
+    ``host:port`` (port 0: any free port, see ``.port``); over TLS with ``tls``, else plaintext."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=SERVER_OPTIONS)
     names = []
@@ -129,13 +134,16 @@ def start_server(services: list[tuple[Callable, object, str]], host: str = "127.
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if tls is None
+                 else server.add_secure_port(address, tls.credentials()))
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}; pick another --port") from None
+        raise PortInUseError(f"cannot listen on {address}: {exc}; pass --port with a free port (or 0 to pick one)"
+                             ) from None
     if bound == 0:
-        raise OSError(f"cannot listen on {address} (port in use?); pick another --port")
+        raise PortInUseError(f"cannot listen on {address} (port in use?); pass --port with a free port (or 0 to "
+                             "pick one)")
     server.start()
-    out = GrpcServer(server, bound, names, health_servicer)
+    out = GrpcServer(server, bound, names, health_servicer, tls)
     out.set_serving(True)
     return out
 

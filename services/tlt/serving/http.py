@@ -36,17 +36,13 @@ from urllib.parse import parse_qs, urlsplit
 import prometheus_client
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from tlt.errors import TLTError
+from tlt.errors import PortInUseError, TLTError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricsServer", "PortInUseError"]
 
 ProbeResult = bool | tuple[bool, str]
-
-
-class PortInUseError(TLTError, OSError):
-    """The metrics port is already bound by another process (or another server in this one)."""
 
 
 def _probe(check: Callable[[], Any], what: str) -> tuple[bool, str]:

@@ -119,9 +119,10 @@ class LocalServices:
         return info["port"]
 
     def revive(self) -> list[str]:
-        """Restart the rollout services that exited (same ports); returns their names. The controller calls
-        this before every step, so a crashed worker rejoins at the next step."""
-        dead = [n for n, p in self.procs.items() if n.startswith("rollout-") and p.poll() is not None]
+        """Restart the services that exited (same ports); returns their names. The controller calls this
+        before every step, so a crashed worker rejoins at the next step, and when the trainer or drafter
+        service stops answering, which it then restores (see Controller._surviving)."""
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
         for name in dead:
             self._spawn(name, *self._args[name])
         for name in dead:

@@ -14,6 +14,7 @@ from pathlib import Path
 from tlt import metrics as m
 from tlt.config import JobSpec
 from tlt.errors import ConfigError
+from tlt.rpc.tls import ClientTLS, ServerTLS
 from tlt.store import ArtifactStore
 
 log = logging.getLogger("tlt.serve")
@@ -34,6 +35,8 @@ class ServeOptions:
     threads: int = 0
     port_file: Path | None = None  # written once serving: {"port": ..., "metrics_port": ...}
     grace_s: float = 30.0
+    tls: ServerTLS | None = None  # serve over TLS (mutual TLS when it holds a client CA); None: plaintext
+    drafter_tls: ClientTLS | None = None  # how a rollout worker reaches the --drafter service; None: plaintext
 
 
 def serve(spec: JobSpec, opts: ServeOptions) -> None:
@@ -57,13 +60,15 @@ def serve(spec: JobSpec, opts: ServeOptions) -> None:
         build = {"rollout": _rollout, "drafter": _drafter, "trainer": _trainer}[opts.kind]
         add, servicer, service_name, samples, on_stop = build(spec, opts, store, model_dir, registry)
         registry.register(m.CallbackCollector(samples))
-        server = start_server([(add, servicer, service_name)], opts.host, opts.port)
+        server = start_server([(add, servicer, service_name)], opts.host, opts.port, tls=opts.tls)
         ready.update(ok=True, reason="serving")
         if opts.port_file is not None:
             tmp = opts.port_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"port": server.port, "metrics_port": http.port, "pid": os.getpid()}))
             tmp.replace(opts.port_file)
-        log.info("%s serving gRPC on %s:%d, metrics on :%d", opts.kind, opts.host, server.port, http.port)
+        transport = "plaintext" if opts.tls is None else "mutual TLS" if opts.tls.mutual else "TLS"
+        log.info("%s serving gRPC (%s) on %s:%d, metrics on :%d", opts.kind, transport, opts.host, server.port,
+                 http.port)
 
         def stop() -> None:
             ready.update(ok=False, reason="shutting down")
@@ -90,13 +95,14 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
     drafter, push, closers = None, None, []
     if spec.rollout.speculative.mode != "off":
         version = _wait_for_version(store, DRAFTER_KIND, DRAFTER_WAIT_S)
-        directory = store.fetch(DRAFTER_KIND, version, Path(spec.output_dir) / "cache" / opts.name / "drafter")
+        directory = store.fetch(DRAFTER_KIND, version, Path(spec.output_dir) / "cache" / opts.name / "drafter",
+                                link=True)  # only read (by load_drafter)
         drafter = load_drafter(directory, model).to(model.dtype).eval()
         if spec.drafter.online_training:
             if not opts.drafter:
                 raise ConfigError("drafter.online_training is on: give the drafter service address with --drafter "
                                   "HOST:PORT (or set drafter.online_training: false)")
-            remote = RemoteDrafter(opts.drafter)
+            remote = RemoteDrafter(opts.drafter, tls=opts.drafter_tls)
             push, closers = remote.push_delta, [remote.close]
     worker = RolloutWorker(opts.name or "rollout", model, spec, drafter, store, push_delta=push)
 

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file as save_safetensors_file
 
 from tlt.config import JobSpec
 from tlt.errors import InvalidRequestError
 from tlt.models.loader import load_model
 from tlt.rpc import convert
-from tlt.rpc.client import call, open_channel
+from tlt.rpc.client import RemoteClient
 from tlt.rpc.server import ServicerBase, rpc_method
 from tlt.rpc.v1 import trainer_pb2, trainer_pb2_grpc
 from tlt.store import ArtifactStore
@@ -54,13 +55,27 @@ class TrainerEndpoint:
         return self.trainer.step
 
     def publish_policy(self, version: int) -> int:
-        """Publish the current weights as ``version``; returns the payload size in bytes."""
-        payload = save_safetensors(self.trainer.policy_state())
-        config = (self.model_dir / "config.json").read_bytes()
-        self.store.publish(POLICY_KIND, version, {"model.safetensors": payload, "config.json": config},
-                           metadata={"step": version})
+        """Publish the current weights as ``version``; returns the payload size in bytes.
+
+        On a local store the weights are written once, on the store's own filesystem, and moved into
+        the version (no second copy); on object stores they are uploaded from memory.
+        """
+        state = self.trainer.policy_state()
+        files: dict[str, bytes | Path] = {"config.json": (self.model_dir / "config.json").read_bytes()}
+        scratch = self.store.scratch_path(POLICY_KIND, "model.safetensors")
+        try:
+            if scratch is None:
+                payload = save_safetensors(state)
+                files["model.safetensors"], size = payload, len(payload)
+            else:
+                save_safetensors_file(state, str(scratch))
+                files["model.safetensors"], size = scratch, scratch.stat().st_size
+            self.store.publish(POLICY_KIND, version, files, metadata={"step": version}, move=True)
+        finally:
+            if scratch is not None:  # still there only if the publish failed
+                scratch.unlink(missing_ok=True)
         self.last_published = version
-        return len(payload)
+        return size
 
     def save_checkpoint(self, directory: str | Path) -> None:
         self.trainer.save_checkpoint(directory)
@@ -164,17 +179,12 @@ def _save_target(value: str) -> Path:
     return path
 
 
-class RemoteTrainer:
+class RemoteTrainer(RemoteClient):
     """The controller's handle on a trainer service (same methods as TrainerEndpoint)."""
 
-    def __init__(self, address: str, timeout: float = 600.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.channel = open_channel(address)
-        self.stub = trainer_pb2_grpc.TrainerStub(self.channel)
-
-    def _what(self, method: str) -> str:
-        return f"{method} on trainer service at {self.address}"
+    stub_class = trainer_pb2_grpc.TrainerStub
+    peer = "trainer service"
+    default_timeout = 600.0
 
     def train_step(self, samples: list[Sample], step: int = 0) -> dict[str, float]:
         def stream() -> Iterator[trainer_pb2.TrainStepChunk]:
@@ -182,28 +192,22 @@ class RemoteTrainer:
             for s in samples:
                 yield trainer_pb2.TrainStepChunk(sample=convert.sample_to_proto(s))
 
-        reply = call(self.stub.TrainStep, stream(), self._what("TrainStep"), self.timeout)
+        reply = self._call("TrainStep", stream())
         return dict(reply.metrics)
 
     def publish_policy(self, version: int) -> int:
-        reply = call(self.stub.PublishPolicy, trainer_pb2.PublishPolicyRequest(version=version),
-                     self._what("PublishPolicy"), self.timeout)
+        reply = self._call("PublishPolicy", trainer_pb2.PublishPolicyRequest(version=version))
         return reply.size_bytes
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        call(self.stub.SaveCheckpoint, trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())),
-             self._what("SaveCheckpoint"), self.timeout)
+        self._call("SaveCheckpoint", trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())))
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        call(self.stub.LoadCheckpoint, trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())),
-             self._what("LoadCheckpoint"), self.timeout)
+        self._call("LoadCheckpoint", trainer_pb2.CheckpointRequest(directory=str(Path(directory).resolve())))
 
     @property
     def optimizer_steps(self) -> int:
-        return call(self.stub.Status, trainer_pb2.TrainerStatusRequest(), self._what("Status"), 30).optimizer_steps
-
-    def close(self) -> None:
-        self.channel.close()
+        return self._call("Status", trainer_pb2.TrainerStatusRequest(), timeout=30).optimizer_steps
 
 
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from tlt.rpc.v1 import common_pb2 as tlt_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tlt/v1/rollout.proto\x12\x06tlt.v1\x1a\x13tlt/v1/common.proto\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.tlt.v1.SamplingParams\x12\r\n\x05group\x18\x04 \x01(\x05\"k\n\nCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\x05\"8\n\x08RoleSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x92\x01\n\x15\x44rafterTrainingReport\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0e\n\x06pushes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\tlast_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x42\x0c\n\n_last_loss\"\xb7\x01\n\x0bStepSummary\x12\x1f\n\x05spans\x18\x01 \x03(\x0b\x32\x10.tlt.v1.RoleSpan\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.tlt.v1.SpecDecodeStats\x12.\n\x07\x64rafter\x18\x03 \x01(\x0b\x32\x1d.tlt.v1.DrafterTrainingReport\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x17\n\x0f\x64rafter_version\x18\x05 \x01(\x03\"j\n\rGenerateEvent\x12(\n\ncompletion\x18\x01 \x01(\x0b\x32\x12.tlt.v1.CompletionH\x00\x12&\n\x07summary\x18\x02 \x01(\x0b\x32\x13.tlt.v1.StepSummaryH\x00\x42\x07\n\x05\x65vent\",\n\x0eSetRoleRequest\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.tlt.v1.Role\"M\n\x0fSetRoleResponse\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.tlt.v1.Role\x12\x1e\n\x08previous\x18\x02 \x01(\x0e\x32\x0c.tlt.v1.Role\"%\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"G\n\x13LoadVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x11\n\x0fProgressRequest\"\x8e\x02\n\x10ProgressResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.tlt.v1.Role\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0e\n\x06queued\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x03\x12\x1a\n\x12\x62uffered_responses\x18\x06 \x01(\x05\x12\x13\n\x0bmax_running\x18\x07 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12\x17\n\x0f\x64rafter_version\x18\t \x01(\x03\x12&\n\x05stats\x18\n \x01(\x0b\x32\x17.tlt.v1.SpecDecodeStats\x12\x13\n\x0bspeculative\x18\x0b \x01(\x08\"V\n\x16\x44rafterTrainingRequest\x12\"\n\x15load_tuner_state_json\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x18\n\x16_load_tuner_state_json\"z\n\x17\x44rafterTrainingResponse\x12\x18\n\x10tuner_state_json\x18\x01 \x01(\t\x12\x17\n\x0fonline_training\x18\x02 \x01(\x08\x12,\n\x05total\x18\x03 \x01(\x0b\x32\x1d.tlt.v1.DrafterTrainingReport2\xa7\x03\n\x07Rollout\x12>\n\x08Generate\x12\x17.tlt.v1.GenerateRequest\x1a\x15.tlt.v1.GenerateEvent(\x01\x30\x01\x12:\n\x07SetRole\x12\x16.tlt.v1.SetRoleRequest\x1a\x17.tlt.v1.SetRoleResponse\x12\x45\n\nLoadPolicy\x12\x1a.tlt.v1.LoadVersionRequest\x1a\x1b.tlt.v1.LoadVersionResponse\x12\x46\n\x0bLoadDrafter\x12\x1a.tlt.v1.LoadVersionRequest\x1a\x1b.tlt.v1.LoadVersionResponse\x12=\n\x08Progress\x12\x17.tlt.v1.ProgressRequest\x1a\x18.tlt.v1.ProgressResponse\x12R\n\x0f\x44rafterTraining\x12\x1e.tlt.v1.DrafterTrainingRequest\x1a\x1f.tlt.v1.DrafterTrainingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tlt/v1/rollout.proto\x12\x06tlt.v1\x1a\x13tlt/v1/common.proto\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12&\n\x06params\x18\x03 \x01(\x0b\x32\x16.tlt.v1.SamplingParams\x12\r\n\x05group\x18\x04 \x01(\x05\"k\n\nCompletion\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\x05\"8\n\x08RoleSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\x12\x0c\n\x04role\x18\x03 \x01(\t\"\xa9\x01\n\x15\x44rafterTrainingReport\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x0e\n\x06pushes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x16\n\tlast_loss\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\x15\n\rfailed_pushes\x18\x07 \x01(\x03\x42\x0c\n\n_last_loss\"\xb7\x01\n\x0bStepSummary\x12\x1f\n\x05spans\x18\x01 \x03(\x0b\x32\x10.tlt.v1.RoleSpan\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.tlt.v1.SpecDecodeStats\x12.\n\x07\x64rafter\x18\x03 \x01(\x0b\x32\x1d.tlt.v1.DrafterTrainingReport\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x17\n\x0f\x64rafter_version\x18\x05 \x01(\x03\"j\n\rGenerateEvent\x12(\n\ncompletion\x18\x01 \x01(\x0b\x32\x12.tlt.v1.CompletionH\x00\x12&\n\x07summary\x18\x02 \x01(\x0b\x32\x13.tlt.v1.StepSummaryH\x00\x42\x07\n\x05\x65vent\",\n\x0eSetRoleRequest\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.tlt.v1.Role\"M\n\x0fSetRoleResponse\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.tlt.v1.Role\x12\x1e\n\x08previous\x18\x02 \x01(\x0e\x32\x0c.tlt.v1.Role\"%\n\x12LoadVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"G\n\x13LoadVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x11\n\x0fProgressRequest\"\x8e\x02\n\x10ProgressResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.tlt.v1.Role\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0e\n\x06queued\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x03\x12\x1a\n\x12\x62uffered_responses\x18\x06 \x01(\x05\x12\x13\n\x0bmax_running\x18\x07 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12\x17\n\x0f\x64rafter_version\x18\t \x01(\x03\x12&\n\x05stats\x18\n \x01(\x0b\x32\x17.tlt.v1.SpecDecodeStats\x12\x13\n\x0bspeculative\x18\x0b \x01(\x08\"V\n\x16\x44rafterTrainingRequest\x12\"\n\x15load_tuner_state_json\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x18\n\x16_load_tuner_state_json\"z\n\x17\x44rafterTrainingResponse\x12\x18\n\x10tuner_state_json\x18\x01 \x01(\t\x12\x17\n\x0fonline_training\x18\x02 \x01(\x08\x12,\n\x05total\x18\x03 \x01(\x0b\x32\x1d.tlt.v1.DrafterTrainingReport2\xa7\x03\n\x07Rollout\x12>\n\x08Generate\x12\x17.tlt.v1.GenerateRequest\x1a\x15.tlt.v1.GenerateEvent(\x01\x30\x01\x12:\n\x07SetRole\x12\x16.tlt.v1.SetRoleRequest\x1a\x17.tlt.v1.SetRoleResponse\x12\x45\n\nLoadPolicy\x12\x1a.tlt.v1.LoadVersionRequest\x1a\x1b.tlt.v1.LoadVersionResponse\x12\x46\n\x0bLoadDrafter\x12\x1a.tlt.v1.LoadVersionRequest\x1a\x1b.tlt.v1.LoadVersionResponse\x12=\n\x08Progress\x12\x17.tlt.v1.ProgressRequest\x1a\x18.tlt.v1.ProgressResponse\x12R\n\x0f\x44rafterTraining\x12\x1e.tlt.v1.DrafterTrainingRequest\x1a\x1f.tlt.v1.DrafterTrainingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLESPAN']._serialized_start=276
   _globals['_ROLESPAN']._serialized_end=332
   _globals['_DRAFTERTRAININGREPORT']._serialized_start=335
-  _globals['_DRAFTERTRAININGREPORT']._serialized_end=481
-  _globals['_STEPSUMMARY']._serialized_start=484
-  _globals['_STEPSUMMARY']._serialized_end=667
-  _globals['_GENERATEEVENT']._serialized_start=669
-  _globals['_GENERATEEVENT']._serialized_end=775
-  _globals['_SETROLEREQUEST']._serialized_start=777
-  _globals['_SETROLEREQUEST']._serialized_end=821
-  _globals['_SETROLERESPONSE']._serialized_start=823
-  _globals['_SETROLERESPONSE']._serialized_end=900
-  _globals['_LOADVERSIONREQUEST']._serialized_start=902
-  _globals['_LOADVERSIONREQUEST']._serialized_end=939
-  _globals['_LOADVERSIONRESPONSE']._serialized_start=941
-  _globals['_LOADVERSIONRESPONSE']._serialized_end=1012
-  _globals['_PROGRESSREQUEST']._serialized_start=1014
-  _globals['_PROGRESSREQUEST']._serialized_end=1031
-  _globals['_PROGRESSRESPONSE']._serialized_start=1034
-  _globals['_PROGRESSRESPONSE']._serialized_end=1304
-  _globals['_DRAFTERTRAININGREQUEST']._serialized_start=1306
-  _globals['_DRAFTERTRAININGREQUEST']._serialized_end=1392
-  _globals['_DRAFTERTRAININGRESPONSE']._serialized_start=1394
-  _globals['_DRAFTERTRAININGRESPONSE']._serialized_end=1516
-  _globals['_ROLLOUT']._serialized_start=1519
-  _globals['_ROLLOUT']._serialized_end=1942
+  _globals['_DRAFTERTRAININGREPORT']._serialized_end=504
+  _globals['_STEPSUMMARY']._serialized_start=507
+  _globals['_STEPSUMMARY']._serialized_end=690
+  _globals['_GENERATEEVENT']._serialized_start=692
+  _globals['_GENERATEEVENT']._serialized_end=798
+  _globals['_SETROLEREQUEST']._serialized_start=800
+  _globals['_SETROLEREQUEST']._serialized_end=844
+  _globals['_SETROLERESPONSE']._serialized_start=846
+  _globals['_SETROLERESPONSE']._serialized_end=923
+  _globals['_LOADVERSIONREQUEST']._serialized_start=925
+  _globals['_LOADVERSIONREQUEST']._serialized_end=962
+  _globals['_LOADVERSIONRESPONSE']._serialized_start=964
+  _globals['_LOADVERSIONRESPONSE']._serialized_end=1035
+  _globals['_PROGRESSREQUEST']._serialized_start=1037
+  _globals['_PROGRESSREQUEST']._serialized_end=1054
+  _globals['_PROGRESSRESPONSE']._serialized_start=1057
+  _globals['_PROGRESSRESPONSE']._serialized_end=1327
+  _globals['_DRAFTERTRAININGREQUEST']._serialized_start=1329
+  _globals['_DRAFTERTRAININGREQUEST']._serialized_end=1415
+  _globals['_DRAFTERTRAININGRESPONSE']._serialized_start=1417
+  _globals['_DRAFTERTRAININGRESPONSE']._serialized_end=1539
+  _globals['_ROLLOUT']._serialized_start=1542
+  _globals['_ROLLOUT']._serialized_end=1965
 # @@protoc_insertion_point(module_scope)

@@ -45,20 +45,22 @@ class RoleSpan(_message.Message):
     def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., role: _Optional[str] = ...) -> None: ...
 
 class DrafterTrainingReport(_message.Message):
-    __slots__ = ("steps", "tokens", "pushes", "seconds", "last_loss", "preemptions")
+    __slots__ = ("steps", "tokens", "pushes", "seconds", "last_loss", "preemptions", "failed_pushes")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PUSHES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     tokens: int
     pushes: int
     seconds: float
     last_loss: float
     preemptions: int
-    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds: _Optional[float] = ..., last_loss: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    failed_pushes: int
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds: _Optional[float] = ..., last_loss: _Optional[float] = ..., preemptions: _Optional[int] = ..., failed_pushes: _Optional[int] = ...) -> None: ...
 
 class StepSummary(_message.Message):
     __slots__ = ("spans", "stats", "drafter", "policy_version", "drafter_version")
