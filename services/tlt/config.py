@@ -80,7 +80,8 @@ class SpeculativeSpec:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """Rollout workers and sampling."""
+    """Rollout workers and sampling. ``backend``: ``native`` (our engine) or ``vllm`` (the optional vLLM
+    backend: chain drafts on a fixed batch-size schedule, no drafter training on its workers)."""
 
     workers: int = 2
     max_running: int = 64
@@ -88,6 +89,7 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     speculative: SpeculativeSpec = field(default_factory=SpeculativeSpec)
+    backend: Literal["native", "vllm"] = "native"
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"workers must be >= 1, got {self.workers}")

@@ -48,14 +48,24 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
     aggregator = None
     if spec.rollout.speculative.mode != "off":
         aggregator = open_aggregator(spec, model_dir, trainer.trainer.model, store)
-    workers = []
+    workers, closers = [], [trainer.close]
     for i in range(spec.rollout.workers):
+        if spec.rollout.backend == "vllm":  # vLLM runs the policy in its own process; it does not train the drafter
+            from tlt.rollout.backends.vllm import VllmRolloutWorker, export_drafter
+
+            name = f"rollout-{i}"
+            drafter_dir = (export_drafter(aggregator.drafter, Path(spec.output_dir) / "cache" / name / "drafter")
+                           if aggregator else None)
+            worker = VllmRolloutWorker(name, model_dir, spec, store, drafter_dir=drafter_dir)
+            workers.append(worker)
+            closers.append(worker.close)
+            continue
         model = load_model(model_dir, dtype=spec.model.dtype)
         drafter = aggregator.drafter.copy_for(model).to(model.dtype).eval() if aggregator else None
         workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, store,
                                      push_delta=aggregator.push_delta if aggregator else None,
                                      drafter_base=aggregator.base if aggregator else None))
-    return Services(workers, aggregator, trainer, [trainer.close])
+    return Services(workers, aggregator, trainer, closers)
 
 
 def connect(addresses: ServiceAddresses, timeout: float = 120.0) -> Services:

@@ -91,6 +91,8 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
     from tlt.rollout.worker import RolloutWorker
     from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
 
+    if spec.rollout.backend == "vllm":
+        return _vllm_rollout(spec, opts, store, model_dir, registry)
     model = load_model(model_dir, dtype=spec.model.dtype)
     drafter, push, closers = None, None, []
     if spec.rollout.speculative.mode != "off":
@@ -113,6 +115,23 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
 
     servicer = RolloutServicer(worker, registry)
     return add_RolloutServicer_to_server, servicer, SERVICE_NAME, worker.metric_samples, on_stop
+
+
+def _vllm_rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir: Path, registry) -> Built:
+    """A rollout service on the vLLM backend: same RPCs; vLLM reads the drafter's EAGLE-3 files itself."""
+    from tlt.drafter.aggregator import DRAFTER_KIND
+    from tlt.rollout.backends.vllm import VllmRolloutWorker
+    from tlt.rollout.service import SERVICE_NAME, RolloutServicer
+    from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
+
+    directory = None
+    if spec.rollout.speculative.mode != "off":
+        version = _wait_for_version(store, DRAFTER_KIND, DRAFTER_WAIT_S)
+        directory = store.fetch(DRAFTER_KIND, version, Path(spec.output_dir) / "cache" / opts.name / "drafter",
+                                link=True)  # only read (by vLLM at start; reloads come from the store)
+    worker = VllmRolloutWorker(opts.name or "rollout", model_dir, spec, store, drafter_dir=directory)
+    servicer = RolloutServicer(worker, registry)
+    return add_RolloutServicer_to_server, servicer, SERVICE_NAME, worker.metric_samples, worker.close
 
 
 def _drafter(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir: Path, registry) -> Built:

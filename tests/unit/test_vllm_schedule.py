@@ -1,0 +1,42 @@
+"""The vLLM backend's speculative-decoding schedule helpers (pure Python: run without vLLM installed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlt.config import SpeculativeSpec
+from tlt.errors import ConfigError
+from tlt.rollout.backends.vllm import check_schedule, schedule_for_spec, schedule_from_tuner
+from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
+
+
+def test_check_schedule_sorts_and_rejects_what_vllm_rejects():
+    assert check_schedule([[9, 64, 0], [1, 8, 3]]) == [(1, 8, 3), (9, 64, 0)]
+    for bad in ([], [(2, 8, 3)], [(1, 8, 3), (8, 16, 2)], [(1, 8, -1)], [(1, 0, 3)], [(1, 8)], [(1, 8, 2.5)]):
+        with pytest.raises(ConfigError):
+            check_schedule(bad)
+
+
+def test_schedule_for_spec_follows_the_mode():
+    assert schedule_for_spec(SpeculativeSpec(mode="off"), 64) == (0, None)
+    assert schedule_for_spec(SpeculativeSpec(mode="always", strategy="4_1_5"), 64) == (4, None)
+    # adaptive: the deepest chain of the strategies up to the threshold, none above it
+    k, schedule = schedule_for_spec(SpeculativeSpec(strategies=("2_1_3", "4_2_8"), sd_batch_threshold=16), 64)
+    assert (k, schedule) == (4, [(1, 16, 4), (17, 64, 0)])
+    assert schedule_for_spec(SpeculativeSpec(sd_batch_threshold=64), 64) == (4, None)
+
+
+def test_schedule_from_tuner_takes_each_buckets_best_arm():
+    tuner = BegMabTuner(TunerConfig(sd_batch_threshold=8, strategies=["3_1_4", "5_1_6"], bucket_bounds=[1, 3, 5]))
+    for _ in range(3):
+        tuner.record(1, SpecStrategy.parse("5_1_6"), 10, 1.0)  # bucket 1: the 5-deep chain wins
+        tuner.record(1, SpecStrategy.parse("3_1_4"), 5, 1.0)
+        tuner.record(3, SpecStrategy.parse("3_1_4"), 10, 1.0)  # bucket 3: the 3-deep chain wins
+        tuner.record_plain(5, 20, 1.0)  # bucket 5: plain decoding wins
+        tuner.record(5, SpecStrategy.parse("3_1_4"), 10, 1.0)
+    k, schedule = schedule_from_tuner(tuner, max_running=32, default_k=2)
+    assert k == 5
+    assert schedule == [(1, 2, 5), (3, 4, 3), (5, 8, 0), (9, 32, 0)]
+    # buckets without samples get the default
+    assert schedule_from_tuner(BegMabTuner(TunerConfig(sd_batch_threshold=4, bucket_bounds=[1, 3])), 8, 2) == (
+        2, [(1, 2, 2), (3, 4, 2), (5, 8, 0)])
