@@ -76,7 +76,42 @@ class _Sequence:
         return RequestOutput(self.request_id, self.prompt_ids, self.token_ids, self.logprobs, self.finish_reason or "")
 
 
-class RolloutEngine:
+class StepLoop:
+    """``run`` and ``generate`` for an engine that has ``submit``, ``step`` and ``has_work`` (the native
+    engine and the vLLM backend's)."""
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> str:
+        raise NotImplementedError
+
+    def step(self) -> list[RequestOutput]:
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def run(self, on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Step until no request is queued or running; returns outputs in finishing order."""
+        outputs: list[RequestOutput] = []
+        while self.has_work():
+            for out in self.step():
+                outputs.append(out)
+                if on_finish is not None:
+                    on_finish(out)
+        return outputs
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Generate for all prompts; outputs are returned in prompt order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
+        by_id = {out.request_id: out for out in self.run()}
+        return [by_id[i] for i in ids]
+
+
+class RolloutEngine(StepLoop):
     """Generates completions for many requests with continuous batching.
 
     Args:
@@ -231,26 +266,6 @@ class RolloutEngine:
             self._prefill(admitted, slot_offset=len(decoding))
             new_tokens += len(admitted)
         return self._retire(new_tokens)
-
-    def run(self, on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
-        """Step until no request is queued or running; returns outputs in finishing order."""
-        outputs: list[RequestOutput] = []
-        while self.has_work():
-            for out in self.step():
-                outputs.append(out)
-                if on_finish is not None:
-                    on_finish(out)
-        return outputs
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[RequestOutput]:
-        """Generate for all prompts; outputs are returned in prompt order."""
-        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per_prompt) != len(prompts):
-            raise InvalidRequestError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
-        ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
-        by_id = {out.request_id: out for out in self.run()}
-        return [by_id[i] for i in ids]
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []

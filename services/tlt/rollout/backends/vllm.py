@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from tlt import metrics as m
 from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tlt.models.config import read_json
-from tlt.rollout.engine import FINISH_LENGTH, FINISH_STOP, ProgressSnapshot, RequestOutput
+from tlt.rollout.engine import FINISH_LENGTH, FINISH_STOP, ProgressSnapshot, RequestOutput, StepLoop
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.worker import POLICY_KIND, RolloutWorker
@@ -286,7 +286,7 @@ class _SpecStatsLogger:
         pass
 
 
-class VllmRolloutEngine:
+class VllmRolloutEngine(StepLoop):
     """The native engine's interface on a vLLM ``LLMEngine`` (one per instance, in its own process).
 
     Args:
@@ -500,25 +500,6 @@ class VllmRolloutEngine:
                     for t, lp in zip(tokens, completion.logprobs or [None] * len(tokens))]
         reason = FINISH_STOP if completion.finish_reason == "stop" else FINISH_LENGTH
         return RequestOutput(request.request_id, request.prompt_ids, tokens, logprobs, reason)
-
-    def run(self, on_finish: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        while self.has_work():
-            for out in self.step():
-                outputs.append(out)
-                if on_finish is not None:
-                    on_finish(out)
-        return outputs
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[RequestOutput]:
-        """Generate for all prompts; outputs in prompt order."""
-        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per_prompt) != len(prompts):
-            raise InvalidRequestError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
-        ids = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
-        by_id = {out.request_id: out for out in self.run()}
-        return [by_id[i] for i in ids]
 
     # ---- weights --------------------------------------------------------------------------------
 
