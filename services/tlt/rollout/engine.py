@@ -76,6 +76,27 @@ class _Sequence:
         return RequestOutput(self.request_id, self.prompt_ids, self.token_ids, self.logprobs, self.finish_reason or "")
 
 
+class DecodeRate:
+    """Tokens per second over the engine steps of the last :attr:`WINDOW_S` seconds (not thread-safe: the
+    engine calls it under its own lock)."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self) -> None:
+        self._steps: deque[tuple[float, int]] = deque()  # (monotonic time, tokens) of each step
+
+    def record(self, tokens: int) -> None:
+        self._steps.append((time.monotonic(), tokens))
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        while self._steps and now - self._steps[0][0] > self.WINDOW_S:
+            self._steps.popleft()
+        if len(self._steps) < 2 or self._steps[-1][0] <= self._steps[0][0]:
+            return 0.0
+        return sum(n for _, n in itertools.islice(self._steps, 1, None)) / (self._steps[-1][0] - self._steps[0][0])
+
+
 class StepLoop:
     """``run`` and ``generate`` for an engine that has ``submit``, ``step`` and ``has_work`` (the native
     engine and the vLLM backend's)."""
@@ -168,7 +189,7 @@ class RolloutEngine(StepLoop):
         self._running: list[_Sequence] = []
         self._finished_count = 0
         self._generated = 0
-        self._rate_window: deque[tuple[float, int]] = deque()
+        self._rate = DecodeRate()
 
     # ---- submission -------------------------------------------------------------------------
 
@@ -224,15 +245,9 @@ class RolloutEngine(StepLoop):
 
     def progress(self) -> ProgressSnapshot:
         """Counts of running/queued/finished requests and recent decode throughput."""
-        now = time.monotonic()
         with self._lock:
-            while self._rate_window and now - self._rate_window[0][0] > 5.0:
-                self._rate_window.popleft()
-            window = list(self._rate_window)
             snapshot = (len(self._running), len(self._queue), self._finished_count, self._generated)
-        rate = 0.0
-        if len(window) >= 2 and window[-1][0] > window[0][0]:
-            rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
+            rate = self._rate.tokens_per_s()
         return ProgressSnapshot(*snapshot, tokens_per_s=rate, timestamp=time.time())
 
     # ---- stepping ---------------------------------------------------------------------------
@@ -360,5 +375,5 @@ class RolloutEngine(StepLoop):
                     self._running[slot] = last
             self._finished_count += len(finished)
             self._generated += new_tokens
-            self._rate_window.append((time.monotonic(), new_tokens))
+            self._rate.record(new_tokens)
         return finished

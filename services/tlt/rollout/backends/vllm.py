@@ -42,7 +42,14 @@ from tlt import metrics as m
 from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tlt.models.config import read_json
-from tlt.rollout.engine import FINISH_LENGTH, FINISH_STOP, ProgressSnapshot, RequestOutput, StepLoop
+from tlt.rollout.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    DecodeRate,
+    ProgressSnapshot,
+    RequestOutput,
+    StepLoop,
+)
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.worker import POLICY_KIND, RolloutWorker
@@ -360,7 +367,7 @@ class VllmRolloutEngine(StepLoop):
         self._requests: dict[str, _Request] = {}
         self._finished_count = 0
         self._generated = 0
-        self._rate_window: deque[tuple[float, int]] = deque()
+        self._rate = DecodeRate()
         self.last_reload: dict | None = None
         self.prefix_cached_tokens = 0  # prompt tokens served from vLLM's prefix cache
 
@@ -449,17 +456,11 @@ class VllmRolloutEngine(StepLoop):
         return ids
 
     def progress(self) -> ProgressSnapshot:
-        now = time.monotonic()
         with self._lock:
-            while self._rate_window and now - self._rate_window[0][0] > 5.0:
-                self._rate_window.popleft()
-            window = list(self._rate_window)
             unfinished = len(self._requests)
             running = min(unfinished, self.max_running)
             snapshot = (running, unfinished - running, self._finished_count, self._generated)
-        rate = 0.0
-        if len(window) >= 2 and window[-1][0] > window[0][0]:
-            rate = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
+            rate = self._rate.tokens_per_s()
         return ProgressSnapshot(*snapshot, tokens_per_s=rate, timestamp=time.time())
 
     # ---- stepping -------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ class VllmRolloutEngine(StepLoop):
                 new_tokens += len(finished[-1].token_ids)
             self._finished_count += len(finished)
             self._generated += new_tokens
-            self._rate_window.append((time.monotonic(), new_tokens))
+            self._rate.record(new_tokens)
         return finished
 
     def _convert(self, request: _Request, out: Any) -> RequestOutput:
