@@ -32,7 +32,6 @@ from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.worker import POLICY_KIND, RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
-from tlt.rpc.client import wait_ready
 from tlt.rpc.errors import RpcError
 from tlt.store import ArtifactStore
 from tlt.trainer.policy import Sample
@@ -211,7 +210,7 @@ class Controller:
                     raise
                 self.on_event({"event": "service_down", "service": name, "error": str(exc)})
                 self._supervise()
-                wait_ready(service.channel, service.address, SERVICE_RESTART_TIMEOUT_S)
+                service.wait_ready(SERVICE_RESTART_TIMEOUT_S)
                 self.on_event({"event": "service_back", "service": name})
                 if after_restart is not None:
                     after_restart()
