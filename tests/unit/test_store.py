@@ -60,6 +60,11 @@ def _tamper(store: ArtifactStore, kind: str, version: int, name: str, data: byte
     _put(store, f"{store._version_dir(kind, version)}/{name}", data)
 
 
+def _flip_last_byte(data: bytes) -> bytes:
+    """The same bytes with the last one changed (overwriting it with a constant leaves random data intact 1 in 256)."""
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
 def _xxh3(data: bytes) -> str:
     return xxhash.xxh3_128(data).hexdigest()
 
@@ -170,7 +175,7 @@ def test_bad_values_and_metadata_refused(store):
 
 def test_tampered_file_is_detected_and_nothing_left_at_dest(store, tmp_path):
     m = store.publish("policy", 1, {"model.safetensors": WEIGHTS, "config.json": b"{}"})
-    bad = WEIGHTS[:-1] + b"\x00"
+    bad = _flip_last_byte(WEIGHTS)
     _tamper(store, "policy", 1, "model.safetensors", bad)
     with pytest.raises(StoreIntegrityError, match=r"does not match the manifest"):
         store.load_tensors("policy", 1)
@@ -395,7 +400,7 @@ def test_old_sha256_manifests_still_load_and_verify(store, tmp_path):
         store.publish("policy", 4, {"model.safetensors": WEIGHTS, "config.json": b"{}"})
     new = store.publish("policy", 5, {"model.safetensors": WEIGHTS})  # next to it, new versions use xxh3
     assert new.files["model.safetensors"].algorithm == "xxh3_128" and store.versions("policy") == [4, 5]
-    bad = WEIGHTS[:-1] + bytes([WEIGHTS[-1] ^ 1])  # and old versions still catch damage
+    bad = _flip_last_byte(WEIGHTS)  # and old versions still catch damage
     _tamper(store, "policy", 4, "model.safetensors", bad)
     for read in (lambda: store.load_tensors("policy", 4), lambda: store.read_bytes("policy", 4, "model.safetensors"),
                  lambda: store.fetch("policy", 4, tmp_path / "rollout" / "again")):
@@ -460,7 +465,7 @@ def test_sha256_option_publishes_sha256_and_stores_read_each_other(store, tmp_pa
     assert new.files["a.json"] == FileEntry("xxh3_128", _xxh3(big), len(big))
     assert sha.read_bytes("drafter", 2, "a.json") == big and sha.latest("drafter") == new
     assert (sha.fetch("drafter", 2, tmp_path / "d") / "a.json").read_bytes() == big
-    _tamper(store, "drafter", 1, "a.json", big[:-1] + b"\x00")
+    _tamper(store, "drafter", 1, "a.json", _flip_last_byte(big))
     with pytest.raises(StoreIntegrityError, match=r"a\.json: sha256 .* does not match"):
         sha.fetch("drafter", 1, tmp_path / "e")
 
