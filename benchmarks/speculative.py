@@ -1,8 +1,8 @@
 """Rollout wall time on a long-tailed workload: no SD vs SD always on vs adaptive SD (one run).
 
-The workload is a batch of demo-task prompts (chain-of-thought lengths are heavy-tailed) sampled at
-temperature 1 with the trained demo model and its warmed-up EAGLE-3 drafter (both built once and
-cached under $TLT_HOME). All arms use the same prompts and per-request seeds; because speculative
+The workload (``workload.py``) is a batch of demo-task prompts (chain-of-thought lengths are
+heavy-tailed) sampled at temperature 1 with the trained demo model and its warmed-up EAGLE-3 drafter
+(both built once and cached under $TLT_HOME). All arms use the same prompts and per-request seeds; because speculative
 acceptance consumes the request's random stream exactly like plain sampling, the arms generate the
 same tokens (reported), so wall times compare equal work.
 
@@ -36,12 +36,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from transformers import AutoTokenizer
+    from workload import long_tail_workload
 
-    from tlt.data.demo_task import generate_problems
-    from tlt.drafter.warmup import ensure_demo_drafter
     from tlt.models import load_model
-    from tlt.models.demo import ensure_demo_model
     from tlt.models.drafter_io import load_drafter
     from tlt.rollout.engine import RolloutEngine
     from tlt.rollout.sampling import SamplingParams
@@ -49,15 +46,11 @@ def main() -> None:
 
     n_prompts = args.prompts or (24 if args.quick else 64)
     max_new = args.max_new_tokens or (384 if args.quick else 768)
-    model_dir = args.model or ensure_demo_model()
-    drafter_dir = args.drafter or ensure_demo_drafter(model_dir)
+    work = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed,
+                              model_dir=args.model, drafter_dir=args.drafter)
+    model_dir, drafter_dir, prompts, params = work.model_dir, work.drafter_dir, work.prompts, work.sampling_params()
     target = load_model(model_dir, dtype=args.dtype)
     drafter = load_drafter(drafter_dir, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    problems = generate_problems(n_prompts, args.seed)  # not the drafter's warm-up prompts (other seed)
-    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
-    params = [SamplingParams(temperature=args.temperature, max_new_tokens=max_new, seed=args.seed + i)
-              for i in range(n_prompts)]
 
     arms = {
         "no SD": lambda: RolloutEngine(target, max_running=n_prompts),

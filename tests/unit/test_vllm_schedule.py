@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tlt.config import SpeculativeSpec
 from tlt.errors import ConfigError
-from tlt.rollout.backends.vllm import check_schedule, schedule_for_spec, schedule_from_tuner
+from tlt.rollout.backends.vllm import (
+    CPU_KV_CACHE_BYTES,
+    check_schedule,
+    resolve_kv_cache_bytes,
+    schedule_for_spec,
+    schedule_from_tuner,
+)
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 
 
@@ -37,6 +44,22 @@ def test_schedule_from_tuner_takes_each_buckets_best_arm():
     k, schedule = schedule_from_tuner(tuner, max_running=32, default_k=2)
     assert k == 5
     assert schedule == [(1, 2, 5), (3, 4, 3), (5, 8, 0), (9, 32, 0)]
+    # a cap on the chain depth (a deep tree is no deep chain); K = 0 stays 0
+    assert schedule_from_tuner(tuner, max_running=32, default_k=2, max_k=4) == (
+        4, [(1, 2, 4), (3, 4, 3), (5, 8, 0), (9, 32, 0)])
     # buckets without samples get the default
     assert schedule_from_tuner(BegMabTuner(TunerConfig(sd_batch_threshold=4, bucket_bounds=[1, 3])), 8, 2) == (
         2, [(1, 2, 2), (3, 4, 2), (5, 8, 0)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults (on GPU vLLM sizes the cache itself)")
+def test_kv_cache_size_defaults_to_1gib_on_cpu_and_refuses_two_settings(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert resolve_kv_cache_bytes(None) == CPU_KV_CACHE_BYTES == 1 << 30
+    assert resolve_kv_cache_bytes(5 << 20) == 5 << 20
+    with pytest.raises(ConfigError, match="kv_cache_bytes must be >= 1"):
+        resolve_kv_cache_bytes(0)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert resolve_kv_cache_bytes(None) is None  # vLLM reads the variable itself
+    with pytest.raises(ConfigError, match="unset VLLM_CPU_KVCACHE_SPACE or drop kv_cache_bytes"):
+        resolve_kv_cache_bytes(5 << 20)

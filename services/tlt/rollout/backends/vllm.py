@@ -65,6 +65,8 @@ EXTENSION = f"{__name__}.TLTWorkerExtension"
 POLICY = "policy"
 DRAFTER = "drafter"
 
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM's own CPU default is a share of all memory; one engine needs far less
+
 Schedule = list[tuple[int, int, int]]
 """vLLM's ``num_speculative_tokens_per_batch_size``: ``(first, last, K)``, inclusive batch-size ranges."""
 
@@ -122,10 +124,16 @@ def schedule_for_spec(sd: SpeculativeSpec, max_running: int) -> tuple[int, Sched
     return k, [(1, sd.sd_batch_threshold, k), (sd.sd_batch_threshold + 1, max_running, 0)]
 
 
-def schedule_from_tuner(tuner: BegMabTuner, max_running: int, default_k: int) -> tuple[int, Schedule]:
+def schedule_from_tuner(tuner: BegMabTuner, max_running: int, default_k: int,
+                        max_k: int | None = None) -> tuple[int, Schedule]:
     """A static vLLM schedule from what BEG-MAB learned (e.g. on the native engine): each bucket gets the
-    chain depth of its best arm by median tokens/s (``off``: K = 0; a bucket without samples: ``default_k``);
-    batches above ``sd_batch_threshold`` get K = 0. Returns ``(max K, schedule)``."""
+    chain depth of its best arm by median tokens/s (``off``: K = 0; a bucket without samples: ``default_k``),
+    at most ``max_k``; batches above ``sd_batch_threshold`` get K = 0. Returns ``(max K, schedule)``.
+
+    A tree strategy's depth is an upper bound for a chain, not its like for like: a chain keeps one
+    candidate per position, so its acceptance falls off faster with depth than a tree's (``8_4_32`` pays on
+    the native engine where a chain of 8 does not). ``max_k`` caps the depth at what pays for chains.
+    """
     from tlt.rollout.tuner import OFF, SpecStrategy
 
     summary = tuner.summary()
@@ -138,7 +146,7 @@ def schedule_from_tuner(tuner: BegMabTuner, max_running: int, default_k: int) ->
         last = min(bounds[i + 1] - 1 if i + 1 < len(bounds) else max_running, threshold)
         best = summary[str(first)]["best"]
         k = default_k if best is None else 0 if best == OFF else SpecStrategy.parse(best).depth
-        schedule.append((first, last, k))
+        schedule.append((first, last, k if max_k is None else min(k, max_k)))
     if threshold < max_running:
         schedule.append((threshold + 1, max_running, 0))
     schedule = check_schedule(schedule)
@@ -307,6 +315,8 @@ class VllmRolloutEngine(StepLoop):
         seed: seeds requests that bring no seed of their own.
         eos_token_ids: stop tokens unless a request sets ``ignore_eos`` (default: the model config's).
         enforce_eager: no torch.compile / CUDA graphs (default: eager on CPU only).
+        kv_cache_bytes: vLLM's KV cache size (``kv_cache_memory_bytes``). Default on CPU: 1 GiB, unless
+            ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set; on GPU: vLLM's ``gpu_memory_utilization`` share.
         engine_args: more vLLM ``EngineArgs`` fields (they win over the ones set here).
     """
 
@@ -314,7 +324,7 @@ class VllmRolloutEngine(StepLoop):
                  num_speculative_tokens: int | None = None, schedule: Sequence[Sequence[int]] | None = None,
                  max_running: int = 64, max_seq_len: int | None = None, dtype: str = "bfloat16", seed: int = 0,
                  eos_token_ids: Sequence[int] | None = None, enforce_eager: bool | None = None,
-                 engine_args: dict[str, Any] | None = None) -> None:
+                 kv_cache_bytes: int | None = None, engine_args: dict[str, Any] | None = None) -> None:
         require_vllm()
         vllm_env_defaults()
         from vllm import EngineArgs
@@ -347,11 +357,13 @@ class VllmRolloutEngine(StepLoop):
                 speculative_config["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]
         if enforce_eager is None:
             enforce_eager = not torch.cuda.is_available()
+        kv_cache_bytes = resolve_kv_cache_bytes(kv_cache_bytes)
         args = {
             "model": str(model_dir), "skip_tokenizer_init": True, "dtype": dtype, "seed": seed,
             "max_model_len": self.max_seq_len, "max_num_seqs": max_running, "enforce_eager": enforce_eager,
             "disable_log_stats": False, "logprobs_mode": "processed_logprobs",
             "worker_extension_cls": EXTENSION, "speculative_config": speculative_config,
+            **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None else {}),
             **(engine_args or {}),
         }
         self.stats = SpecDecodeStats()
@@ -606,10 +618,26 @@ class VllmRolloutWorker(RolloutWorker):
 
 def vllm_env_defaults() -> None:
     """Defaults for vLLM's environment (a value already set wins): models are local directories, so no Hub
-    access (``HF_HUB_OFFLINE=1``); on CPU a 1 GiB KV cache per engine (``VLLM_CPU_KVCACHE_SPACE``)."""
+    access (``HF_HUB_OFFLINE=1``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def resolve_kv_cache_bytes(requested: int | None) -> int | None:
+    """The KV cache size to ask vLLM for (None: vLLM decides).
+
+    On CPU vLLM sizes the cache from ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), which wins over the engine
+    argument, or else from a share of the machine's memory; without either we ask for 1 GiB."""
+    env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"kv_cache_bytes must be >= 1, got {requested}")
+        if env and not torch.cuda.is_available():
+            raise ConfigError(f"kv_cache_bytes={requested} and VLLM_CPU_KVCACHE_SPACE={env} are both set and vLLM "
+                              "lets the variable win: unset VLLM_CPU_KVCACHE_SPACE or drop kv_cache_bytes")
+        return requested
+    if env or torch.cuda.is_available():
+        return None
+    return CPU_KV_CACHE_BYTES
 
 
 def export_drafter(drafter: Any, out_dir: str | Path) -> Path:

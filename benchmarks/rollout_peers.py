@@ -1,0 +1,410 @@
+"""Rollout of the long-tailed demo workload: TLT next to what users would run instead, in one run.
+
+Arms (same model, prompts, sampling settings and per-request seeds; every prompt admitted at once):
+
+    hf              transformers ``generate``: one left-padded batch, sampling, EOS per sequence
+    vllm            vLLM without speculative decoding (the baseline of the ratios)
+    vllm-eagle3     vLLM, static EAGLE-3 SD: a chain of K drafts at every batch size, TLT's exported drafter
+    vllm-schedule   vLLM with the batch-size SD schedule (``num_speculative_tokens_per_batch_size``) that
+                    ``schedule_from_tuner`` derives from the bandit the tlt-adaptive arm learned in this run
+    tlt-plain       TLT's native engine without SD (separates engine speed from SD)
+    tlt-adaptive    TLT's native engine with adaptive SD (BEG-MAB over tree strategies, off above 32 running)
+
+The workload is ``--steps`` rollout steps, each on new prompts (as successive RL steps; TLT's bandit
+carries over from one to the next, as it does across RL steps). Each arm runs in a fresh process (the
+vLLM arms share one, each with its own engine) so that imports, caches and freed memory of one arm do
+not count for another. Wall time is the sum of the steps' generate calls after the engine started
+and ran a short warm-up (both excluded; the start time is reported); summing over steps also averages
+out which arm happened to sample the longest response (vLLM's samples differ from ours). Peak
+memory is the highest proportional set size (PSS, so pages shared between processes count once)
+summed over the arm's process tree (vLLM: the front end and its engine-core process), sampled every
+20 ms from the engine start to the end of the timed call.
+
+The vLLM arms need the ``vllm`` extra (run this in ``.venv-vllm``, README "vLLM backend"); without it
+they are skipped and the ratios against vLLM are not printed. vLLM's CPU default pins its engine
+to all cores but one, which it keeps for the scheduler; on a 2-core machine that leaves it one, so by
+default this gives vLLM every core (``--vllm-cpus all``; ``auto`` keeps vLLM's own choice).
+
+    python benchmarks/rollout_peers.py            # 3 steps x 64 prompts, up to 768 new tokens
+    python benchmarks/rollout_peers.py --quick    # 2 steps x 16 prompts, up to 256 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TLT_ARMS = ("tlt-adaptive", "tlt-plain")
+VLLM_ARMS = ("vllm", "vllm-eagle3", "vllm-schedule")
+ARMS = (*TLT_ARMS, *VLLM_ARMS, "hf")
+BASELINE = "vllm"
+SAMPLE_INTERVAL_S = 0.02
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (same comparison)")
+    ap.add_argument("--prompts", type=int, default=None, help="number of prompts (= the largest batch)")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="rollout steps, each on new prompts (default 3, --quick 2); the bandit learns across them")
+    ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
+    ap.add_argument("--threshold", type=int, default=32, help="SD off above this many running requests")
+    ap.add_argument("--vllm-cpus", choices=("all", "auto"), default="all",
+                    help="all: vLLM's engine uses every core; auto: vLLM's default (one kept for its scheduler)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--model", help="target model dir (default: the demo model, built once)")
+    ap.add_argument("--drafter", help="EAGLE-3 drafter dir (default: the demo drafter, warmed up once)")
+    ap.add_argument("--run-arms", help=argparse.SUPPRESS)  # internal: run these arms in this process
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from /proc's parent pids)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Highest PSS summed over this process and its descendants while the ``with`` block runs."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            total = sum(_pss_bytes(pid) for pid in _descendants(os.getpid()))
+            self.peak_bytes = max(self.peak_bytes, total)
+            if self._stop.wait(SAMPLE_INTERVAL_S):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---- arms (each in its own process) ----------------------------------------------------------------
+
+
+def _timed(start_engine: Callable[[], Any], warm_up: Callable[[Any], Any], run: Callable[[Any, int], list[list[int]]],
+           stats: Callable[[Any], dict[str, Any]], steps: int) -> dict[str, Any]:
+    """Start an engine, warm it up, time ``run`` on it for each step; with the peak memory over all of it."""
+    walls, tokens = [], []
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        engine = start_engine()
+        warm_up(engine)
+        started = time.perf_counter()
+        for step in range(steps):
+            begin = time.perf_counter()
+            tokens.extend(run(engine, step))
+            walls.append(time.perf_counter() - begin)
+    return {"wall_s": sum(walls), "walls": walls, "start_s": started - start, "tokens": tokens,
+            "peak_mb": memory.peak_bytes / 2**20, **stats(engine)}
+
+
+def _native_arm(arm: str, cfg: dict) -> dict[str, Any]:
+    from workload import Workload
+
+    from tlt.models import load_model
+    from tlt.models.drafter_io import load_drafter
+    from tlt.rollout.engine import RolloutEngine
+    from tlt.rollout.sampling import SamplingParams
+    from tlt.rollout.tuner import BegMabTuner, TunerConfig
+
+    work = Workload(**cfg["workload"])
+    n = work.batch_size
+
+    def start() -> RolloutEngine:
+        target = load_model(work.model_dir, dtype=cfg["dtype"])
+        if arm == "tlt-plain":
+            return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len())
+        return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len(),
+                             drafter=load_drafter(work.drafter_dir, target),
+                             tuner=BegMabTuner(TunerConfig(sd_batch_threshold=cfg["threshold"])))
+
+    def warm_up(engine: RolloutEngine) -> None:  # an engine of its own, so the bandit learns nothing from it
+        RolloutEngine(engine.model, max_running=4).generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
+
+    def run(engine: RolloutEngine, step: int) -> list[list[int]]:
+        return [o.token_ids for o in engine.generate(*work.step(step))]
+
+    def stats(engine: RolloutEngine) -> dict[str, Any]:
+        tuner = engine.tuner
+        return {"accept_len": engine.stats.acceptance_length if tuner else None,
+                "tuner_state": tuner.export_state() if tuner else None,
+                "tuner_best": {b: s["best"] for b, s in tuner.summary().items()} if tuner else None}
+
+    return _timed(start, warm_up, run, stats, work.steps)
+
+
+def _vllm_arm(arm: str, cfg: dict) -> dict[str, Any]:
+    from workload import Workload
+
+    from tlt.rollout.backends.vllm import VllmRolloutEngine, schedule_from_tuner
+    from tlt.rollout.sampling import SamplingParams
+    from tlt.rollout.tuner import BegMabTuner, TunerConfig
+
+    work = Workload(**cfg["workload"])
+    n, k = work.batch_size, cfg["k"]
+    sd: dict[str, Any] = {}
+    if arm == "vllm-eagle3":
+        sd = {"drafter_dir": work.drafter_dir, "num_speculative_tokens": k}
+    elif arm == "vllm-schedule":
+        if cfg.get("tuner_state") is None:
+            raise SystemExit("vllm-schedule derives its schedule from the tlt-adaptive arm's bandit: run that arm too")
+        tuner = BegMabTuner.from_state(TunerConfig(sd_batch_threshold=cfg["threshold"]), cfg["tuner_state"])
+        top_k, schedule = schedule_from_tuner(tuner, n, k, max_k=k)
+        sd = {"drafter_dir": work.drafter_dir, "num_speculative_tokens": max(top_k, 1), "schedule": schedule}
+    # KV room for every request at full length, as the native engine's static cache has (our vLLM default on
+    # CPU is 1 GiB); vLLM's CPU blocks are 128 tokens, so one spare block per request
+    kv_bytes = n * (work.max_seq_len() + 128) * kv_bytes_per_token(work.model_dir, cfg["dtype"], extra_layers=1)
+
+    def start() -> VllmRolloutEngine:
+        return VllmRolloutEngine(work.model_dir, max_running=n, max_seq_len=work.max_seq_len(), dtype=cfg["dtype"],
+                                 seed=work.seed, kv_cache_bytes=kv_bytes, **sd)
+
+    def warm_up(engine: VllmRolloutEngine) -> None:
+        engine.generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
+        engine.stats.__init__()
+
+    def run(engine: VllmRolloutEngine, step: int) -> list[list[int]]:
+        return [o.token_ids for o in engine.generate(*work.step(step))]
+
+    def stats(engine: VllmRolloutEngine) -> dict[str, Any]:
+        out = {"accept_len": engine.stats.acceptance_length if engine.speculative else None,
+               "schedule": engine.schedule, "k": engine.num_speculative_tokens}
+        engine.close()
+        return out
+
+    return _timed(start, warm_up, run, stats, work.steps)
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str, extra_layers: int = 0) -> int:
+    """KV-cache bytes one token takes in the target's layers (+ ``extra_layers`` more of the same shape)."""
+    import torch
+
+    from tlt.models.config import read_json
+    from tlt.models.loader import parse_dtype
+
+    config = read_json(Path(model_dir) / "config.json")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_layer = 2 * config.get("num_key_value_heads", heads) * head_dim
+    return (config["num_hidden_layers"] + extra_layers) * per_layer * torch.finfo(parse_dtype(dtype)).bits // 8
+
+
+def _hf_arm(cfg: dict) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from workload import Workload
+
+    from tlt.models.loader import parse_dtype
+
+    work = Workload(**cfg["workload"])
+
+    eos: set[int] = set()
+
+    def start() -> Any:
+        model = AutoModelForCausalLM.from_pretrained(str(work.model_dir), dtype=parse_dtype(cfg["dtype"])).eval()
+        ids = model.generation_config.eos_token_id
+        eos.update([ids] if isinstance(ids, int) else ids or [])
+        return model
+
+    def generate(model: Any, prompts: list[list[int]], max_new: int, step: int = 0) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        pad = min(eos) if eos else 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        sampling = ({"do_sample": True, "temperature": work.temperature, "top_k": 0, "top_p": 1.0}
+                    if work.temperature > 0 else {"do_sample": False})
+        torch.manual_seed(work.seed + step)  # transformers has one random stream per batch, not per request
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad, **sampling)
+        responses = []
+        for row in out[:, width:].tolist():  # up to and with the first EOS, as the other arms return them
+            ends = [i for i, t in enumerate(row) if t in eos]
+            responses.append(row[:ends[0] + 1] if ends else row)
+        return responses
+
+    return _timed(start, lambda model: generate(model, work.prompts[:4], 8),
+                  lambda model, step: generate(model, work.step(step)[0], work.max_new_tokens, step),
+                  lambda model: {"accept_len": None}, work.steps)
+
+
+def run_arms(arms: list[str], cfg: dict) -> dict[str, dict[str, Any]]:
+    """Run ``arms`` one after another in this process (the parent gives each family its own process)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    if cfg["vllm_cpus"] == "all":
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    torch.manual_seed(cfg["workload"]["seed"])
+    results = {}
+    for arm in arms:
+        if arm in TLT_ARMS:
+            results[arm] = _native_arm(arm, cfg)
+        elif arm in VLLM_ARMS:
+            results[arm] = _vllm_arm(arm, cfg)
+        else:
+            results[arm] = _hf_arm(cfg)
+    return results
+
+
+# ---- the parent: one process per arm family, then the table -----------------------------------------
+
+
+def _in_subprocess(arms: list[str], cfg: dict, tmp: Path) -> dict[str, dict[str, Any]]:
+    config, out = tmp / "config.json", tmp / "out.json"
+    config.write_text(json.dumps(cfg))
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--run-arms", ",".join(arms), "--config", str(config), "--out", str(out)]
+    print(f"  running {', '.join(arms)} ...", flush=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"arm(s) {', '.join(arms)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def _have_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def main() -> int:
+    args = parse_args()
+    if args.run_arms:
+        cfg = json.loads(Path(args.config).read_text())
+        Path(args.out).write_text(json.dumps(run_arms(args.run_arms.split(","), cfg)))
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workload import long_tail_workload
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
+    if "vllm-schedule" in arms and "tlt-adaptive" not in arms:
+        raise SystemExit("--arms: vllm-schedule needs tlt-adaptive (its schedule comes from that arm's bandit)")
+    if not _have_vllm() and any(a in VLLM_ARMS for a in arms):
+        print("vLLM is not installed here: skipping the vLLM arms (install the vllm extra, README 'vLLM backend')")
+        arms = [a for a in arms if a not in VLLM_ARMS]
+
+    n_prompts = args.prompts or (16 if args.quick else 64)
+    max_new = args.max_new_tokens or (256 if args.quick else 768)
+    steps = args.steps or (2 if args.quick else 3)
+    work = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed,
+                              model_dir=args.model, drafter_dir=args.drafter, steps=steps)
+    cfg: dict[str, Any] = {
+        "workload": {"model_dir": str(work.model_dir), "drafter_dir": str(work.drafter_dir),
+                     "prompts": work.prompts, "temperature": work.temperature,
+                     "max_new_tokens": work.max_new_tokens, "seed": work.seed, "steps": work.steps},
+        "dtype": args.dtype, "k": args.k,
+        "threshold": args.threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None}
+    print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
+          f"vllm_cpus={args.vllm_cpus}")
+    print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
+          f"max_new_tokens={max_new} K={args.k} threshold={args.threshold}")
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in (a for a in ARMS if a in arms and a not in VLLM_ARMS):
+            results.update(_in_subprocess([arm], cfg, Path(tmp)))
+            if arm == "tlt-adaptive":
+                cfg["tuner_state"] = results[arm]["tuner_state"]
+        vllm_arms = [a for a in VLLM_ARMS if a in arms]
+        if vllm_arms:
+            results.update(_in_subprocess(vllm_arms, cfg, Path(tmp)))
+    print_report(results, args)
+    return 0
+
+
+def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """The table of arms, the bandit's choices, the schedule vLLM got and the RESULT line."""
+    order = [a for a in ARMS if a in results]
+    base_arm = BASELINE if BASELINE in results else order[0]
+    base = results[base_arm]["wall_s"]
+    lengths = sorted(len(t) for t in results[order[0]]["tokens"])
+    print(f"response lengths ({order[0]}): median {statistics.median(lengths):.0f}, "
+          f"p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}, total {sum(lengths)}")
+    if "tlt-adaptive" in results:
+        print(f"tlt-adaptive bandit, best arm per batch-size bucket: {results['tlt-adaptive']['tuner_best']}")
+    if "vllm-schedule" in results:
+        sched = results["vllm-schedule"]
+        print(f"vllm-schedule: K={sched['k']}, (first, last, K) = {sched['schedule']}")
+    print(f"{'arm':<14} | {'wall s':>7} | {'per step s':>14} | {'vs ' + base_arm:>12} | {'tok/s':>7} | {'tokens':>6} | "
+          f"{'accept len':>10} | {'peak MB':>7} | {'start s':>7} | same tokens as")
+    for arm in order:
+        r = results[arm]
+        total = sum(len(t) for t in r["tokens"])
+        twin = "tlt-plain" if arm.startswith("tlt") else "vllm" if arm.startswith("vllm") else None
+        same = (f"{twin} {sum(a == b for a, b in zip(r['tokens'], results[twin]['tokens'])) / len(r['tokens']):.0%}"
+                if twin and twin != arm and twin in results else "")
+        accept = f"{r['accept_len']:.2f}" if r["accept_len"] is not None else "-"
+        spread = "/".join(f"{w:.1f}" for w in r["walls"])
+        print(f"{arm:<14} | {r['wall_s']:>7.2f} | {spread:>14} | {base / r['wall_s']:>11.2f}x | "
+              f"{total / r['wall_s']:>7.1f} | {total:>6} | {accept:>10} | {r['peak_mb']:>7.0f} | "
+              f"{r['start_s']:>7.1f} | {same}")
+    fields = [f"speedup_{arm.replace('-', '_')}={base / results[arm]['wall_s']:.2f}" for arm in order
+              if arm != base_arm]
+    if "tlt-adaptive" in results and "vllm-eagle3" in results:
+        fields.append(f"tlt_vs_vllm_eagle3={results['vllm-eagle3']['wall_s'] / results['tlt-adaptive']['wall_s']:.2f}")
+    for arm in order:
+        if results[arm]["accept_len"] is not None:
+            fields.append(f"accept_len_{arm.replace('-', '_')}={results[arm]['accept_len']:.2f}")
+    print(f"RESULT baseline={base_arm} " + " ".join(fields))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
