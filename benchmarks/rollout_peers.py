@@ -151,6 +151,11 @@ def _timed(start_engine: Callable[[], Any], warm_up: Callable[[Any], Any], run: 
             "peak_mb": memory.peak_bytes / 2**20, **stats(engine)}
 
 
+def _step_runner(work: Any) -> Callable[[Any, int], list[list[int]]]:
+    """Generate step ``i`` of ``work`` on an engine with the native interface (ours or our vLLM wrapper)."""
+    return lambda engine, step: [o.token_ids for o in engine.generate(*work.step(step))]
+
+
 def _native_arm(arm: str, cfg: dict) -> dict[str, Any]:
     from workload import Workload
 
@@ -174,16 +179,13 @@ def _native_arm(arm: str, cfg: dict) -> dict[str, Any]:
     def warm_up(engine: RolloutEngine) -> None:  # an engine of its own, so the bandit learns nothing from it
         RolloutEngine(engine.model, max_running=4).generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
 
-    def run(engine: RolloutEngine, step: int) -> list[list[int]]:
-        return [o.token_ids for o in engine.generate(*work.step(step))]
-
     def stats(engine: RolloutEngine) -> dict[str, Any]:
         tuner = engine.tuner
         return {"accept_len": engine.stats.acceptance_length if tuner else None,
                 "tuner_state": tuner.export_state() if tuner else None,
                 "tuner_best": {b: s["best"] for b, s in tuner.summary().items()} if tuner else None}
 
-    return _timed(start, warm_up, run, stats, work.steps)
+    return _timed(start, warm_up, _step_runner(work), stats, work.steps)
 
 
 def _vllm_arm(arm: str, cfg: dict) -> dict[str, Any]:
@@ -216,30 +218,24 @@ def _vllm_arm(arm: str, cfg: dict) -> dict[str, Any]:
         engine.generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
         engine.stats.__init__()
 
-    def run(engine: VllmRolloutEngine, step: int) -> list[list[int]]:
-        return [o.token_ids for o in engine.generate(*work.step(step))]
-
     def stats(engine: VllmRolloutEngine) -> dict[str, Any]:
         out = {"accept_len": engine.stats.acceptance_length if engine.speculative else None,
                "schedule": engine.schedule, "k": engine.num_speculative_tokens}
         engine.close()
         return out
 
-    return _timed(start, warm_up, run, stats, work.steps)
+    return _timed(start, warm_up, _step_runner(work), stats, work.steps)
 
 
 def kv_bytes_per_token(model_dir: str | Path, dtype: str, extra_layers: int = 0) -> int:
     """KV-cache bytes one token takes in the target's layers (+ ``extra_layers`` more of the same shape)."""
     import torch
 
-    from tlt.models.config import read_json
+    from tlt.models.config import ModelConfig
     from tlt.models.loader import parse_dtype
 
-    config = read_json(Path(model_dir) / "config.json")
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    per_layer = 2 * config.get("num_key_value_heads", heads) * head_dim
-    return (config["num_hidden_layers"] + extra_layers) * per_layer * torch.finfo(parse_dtype(dtype)).bits // 8
+    config = ModelConfig.from_dir(model_dir)
+    return (config.num_hidden_layers + extra_layers) * 2 * config.kv_size * torch.finfo(parse_dtype(dtype)).bits // 8
 
 
 def _hf_arm(cfg: dict) -> dict[str, Any]:
