@@ -23,3 +23,11 @@ def step_records(run_dir: Path) -> list[dict]:
     if not log.is_file():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if '"step"' in line and '"event"' not in line]
+
+
+def checkpoint_optimizer_steps(run_dir: Path) -> int:
+    """The optimizer update count in the trainer checkpoint that ``run_dir``'s committed controller state names."""
+    from tlt.controller.loop import committed_trainer_checkpoint
+    from tlt.trainer.policy import META_FILE
+
+    return json.loads((committed_trainer_checkpoint(run_dir) / META_FILE).read_text())["step"]

@@ -97,8 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tlt.rpc.tls import ServerTLS, resolve_client_tls
     from tlt.serving.serve import ServeOptions, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = _load_spec(args.config, parse_overrides(args.overrides))
+    check_store(spec.store_uri)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # TLS files are checked here, before a model is loaded or a port bound
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     drafter_tls = None
@@ -179,6 +180,17 @@ def _run_tls(args: argparse.Namespace, remote: bool) -> ClientTLS | None:
     return resolve_client_tls(flags, os.environ)
 
 
+def check_store(uri: str) -> None:
+    """Fail with one clear line (StoreError) if an S3 store's bucket is missing, its endpoint unreachable or the
+    credentials unusable. Some services touch the store only on their first RPC, and `tlt run` would otherwise
+    report the first service to trip over it with that service's log."""
+    from tlt.store import ArtifactStore
+    from tlt.store_s3 import is_s3
+
+    if is_s3(uri):
+        ArtifactStore(uri).latest("policy")
+
+
 def _run_controller(spec, args: argparse.Namespace, on_event, tls: ClientTLS | None = None) -> None:
     """Start (or connect to) the services (over TLS with ``tls``), serve the controller's metrics if asked,
     run the job."""
@@ -190,6 +202,7 @@ def _run_controller(spec, args: argparse.Namespace, on_event, tls: ClientTLS | N
 
     resolve_model_dir(spec)  # bad paths fail here, before any service process starts
     load_prompt_sets(spec)
+    check_store(spec.store_uri)
     supervisor = None
     with ExitStack() as stack:
         if args.inproc:

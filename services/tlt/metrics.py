@@ -37,6 +37,9 @@ def _d(name: str, kind: str, help_text: str, *labels: str) -> MetricDef:
 ROLLOUT_REQUESTS_RUNNING = _d("tlt_rollout_requests_running", "gauge", "Requests decoding now", "worker")
 ROLLOUT_REQUESTS_QUEUED = _d("tlt_rollout_requests_queued", "gauge",
                              "Requests accepted by the worker, waiting for a slot", "worker")
+ROLLOUT_REQUESTS_UNANSWERED = _d("tlt_rollout_requests_unanswered", "gauge",
+                                 "Requests read from the Generate stream and not yet answered; the service stops "
+                                 "reading at 4 per slot (backpressure)", "worker")
 ROLLOUT_REQUESTS_FINISHED = _d("tlt_rollout_requests_finished", "counter", "Requests finished", "worker")
 ROLLOUT_GENERATED_TOKENS = _d("tlt_rollout_generated_tokens", "counter", "Tokens generated", "worker")
 ROLLOUT_BUFFERED_RESPONSES = _d("tlt_rollout_buffered_responses", "gauge",
@@ -59,6 +62,9 @@ ROLLOUT_DECODE_SECONDS = _d("tlt_rollout_decode_seconds", "counter",
                             "Decode time with speculative decoding on or off", "worker", "sd")
 ROLLOUT_DECODE_ITERATIONS = _d("tlt_rollout_decode_iterations", "counter",
                                "Decode iterations with speculative decoding on or off", "worker", "sd")
+ROLLOUT_BATCH_DECODE_ITERATIONS = _d("tlt_rollout_batch_decode_iterations", "counter",
+                                     "Decode iterations with speculative decoding on or off by running batch "
+                                     "size (the SD tuner's buckets, e.g. 3-4)", "worker", "sd", "batch_size")
 ROLLOUT_DRAFTER_TRAIN_STEPS = _d("tlt_rollout_drafter_train_steps", "counter",
                                  "Drafter optimizer steps done in the drafter role", "worker")
 ROLLOUT_DRAFTER_TRAIN_TOKENS = _d("tlt_rollout_drafter_train_tokens", "counter",
@@ -100,9 +106,6 @@ CONTROLLER_DRAFTER_VERSION = _d("tlt_controller_drafter_version", "gauge", "Draf
 # ---- gRPC servers (every service) -------------------------------------------------------------
 RPC_HANDLED = _d("tlt_rpc_server_handled", "counter", "RPCs completed, by status code", "service", "method", "code")
 RPC_HANDLING_SECONDS = _d("tlt_rpc_server_handling_seconds", "histogram", "RPC handling time", "service", "method")
-
-# ---- operator ---------------------------------------------------------------------------------
-OPERATOR_ROLE_MOVES = _d("tlt_operator_role_moves", "counter", "Rollout pods moved between roles", "job", "role")
 
 ALL_METRICS: tuple[MetricDef, ...] = tuple(v for k, v in dict(globals()).items() if isinstance(v, MetricDef)
                                            and k.isupper())

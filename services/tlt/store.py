@@ -5,13 +5,15 @@ Layout under the root URL (a local path or ``file://`` by default, ``s3://bucket
     <kind>/v00000042/model.safetensors, config.json, ...
     <kind>/v00000042/MANIFEST.json      written last: every file's size and checksum, metadata, created
     <kind>/LATEST                       {"version": 42}, only ever moved forward
-    <kind>/.staging-<uuid>[/]           in-flight writes (local filesystems), never visible as a version
+    <kind>/.staging-<uuid>-<writer>[/]  in-flight writes (local filesystems), never visible as a version
 
 Atomicity. A version is visible only once its MANIFEST.json exists, so an interrupted publish is
-invisible (and removed by :meth:`ArtifactStore.gc` once stale). On a local filesystem a version is
-written to a hidden staging directory (its files and manifest fsynced, so a power loss cannot leave a
-visible version with missing data) and renamed into place, and LATEST is replaced via a temp file
-and ``os.replace``; the commit (existence check, rename, LATEST update) holds an ``flock`` on
+invisible, and :meth:`ArtifactStore.gc` removes what it left: at once where its writer is known dead
+(a staging name records the writer's machine, PID namespace, PID and process start time, so a process
+on the same machine can tell), else once stale (other machines, object stores). On a local
+filesystem a version is written to a hidden staging directory (its files and manifest fsynced, so a
+power loss cannot leave a visible version with missing data) and renamed into place, and LATEST is
+replaced via a temp file and ``os.replace``; the commit (existence check, rename, LATEST update) holds an ``flock`` on
 ``<kind>/.lock``, so concurrent publishers, threads or processes, always leave LATEST at the highest
 version. Object stores have no rename: there the files are written under the version's prefix first,
 the manifest last (single-object PUTs are atomic), then LATEST. Cross-process locks exist only on local
@@ -109,6 +111,8 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
            "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _F = TypeVar("_F", bound=Callable[..., Any])
+# a staging name's writer: machine and PID namespace (hashed), PID, process start time (clock ticks since boot)
+_STAGING_WRITER = re.compile(rf"^{re.escape(STAGING_PREFIX)}[0-9a-f]{{32}}-([0-9a-f]{{16}})-(\d+)-(\d+)(?:-|$)")
 
 
 class StoreError(TLTError):
@@ -199,6 +203,62 @@ class Manifest:
         files = {str(name): FileEntry.from_dict(e) for name, e in raw["files"].items()}
         return cls(str(raw["kind"]), int(raw["version"]), files, dict(raw.get("metadata") or {}),
                    float(raw.get("created", 0.0)))
+
+
+# ---- staging names and their writers ---------------------------------------------------------------
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); None where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _host_id() -> str | None:
+    """Who can check a PID of ours: this boot of this machine and this PID namespace (containers on one
+    machine share the boot id but not PIDs), hashed; None where that cannot be told (no /proc)."""
+    boot = _boot_id()
+    if boot is None:
+        return None
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return xxhash.xxh3_64_hexdigest(f"{boot}/{namespace}".encode())
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None if there is none or it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name before ")" may hold spaces
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped: it writes nothing any more
+        return None
+    return int(fields[19])
+
+
+def _staging_name(suffix: str = "") -> str:
+    """A fresh staging entry name; it names this process as its writer where it can (see :func:`_writer_alive`)."""
+    name = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    host, pid = _host_id(), os.getpid()
+    start = _start_time(pid) if host is not None else None
+    if start is not None:
+        name += f"-{host}-{pid}-{start}"
+    return name + (f"-{suffix}" if suffix else "")
+
+
+def _writer_alive(name: str) -> bool | None:
+    """Whether the process that made staging entry ``name`` still runs (a reused PID has another start time);
+    None where that cannot be told from here: entries of other machines or PID namespaces, or without a writer."""
+    match = _STAGING_WRITER.match(name)
+    if match is None or match.group(1) != _host_id():
+        return None
+    return _start_time(int(match.group(2))) == int(match.group(3))
 
 
 # ---- validation and hashing helpers ----------------------------------------------------------------
@@ -745,7 +805,7 @@ class ArtifactStore:
             return None
         kind_dir = Path(self._kind_dir(kind))
         kind_dir.mkdir(parents=True, exist_ok=True)
-        return kind_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(name)}"
+        return kind_dir / _staging_name(posixpath.basename(name))
 
     @_guarded
     def publish(self, kind: str, version: int, files: Mapping[str, bytes | Path],
@@ -829,7 +889,7 @@ class ArtifactStore:
     def _publish_local(self, kind: str, version: int, files: Mapping[str, bytes | Path],
                        metadata: dict[str, Any], move: bool = False) -> Manifest:
         label, target = f"{kind} v{version}", self._version_dir(kind, version)
-        staging = Path(self._kind_dir(kind)) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging = Path(self._kind_dir(kind)) / _staging_name()
         entries: dict[str, FileEntry] = {}
         adopted: list[tuple[Path, Path]] = []  # (where it is now, where the caller had it)
         try:
@@ -854,7 +914,7 @@ class ArtifactStore:
                 if existing is not None:  # a concurrent publisher of the same version won
                     return self._same_or_raise(label, files, existing, entries)
                 if os.path.lexists(target):  # an incomplete leftover: move it out of the way, then drop it
-                    leftover = Path(self._kind_dir(kind)) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+                    leftover = Path(self._kind_dir(kind)) / _staging_name()
                     os.rename(target, leftover)
                     shutil.rmtree(leftover, ignore_errors=True)
                 os.rename(staging, target)
@@ -918,7 +978,7 @@ class ArtifactStore:
         if not self.local:
             self.fs.pipe_file(path, data)
             return
-        tmp = f"{self._kind_dir(kind)}/{STAGING_PREFIX}{uuid.uuid4().hex}"
+        tmp = f"{self._kind_dir(kind)}/{_staging_name()}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -1101,9 +1161,12 @@ class ArtifactStore:
     def gc(self, kind: str, keep: int, stale_after_s: float = 3600.0) -> list[int]:
         """Delete all but the newest ``keep`` complete versions (never the one LATEST names).
 
-        Also removes staging leftovers and incomplete versions untouched for ``stale_after_s``
-        seconds (younger ones may be publishes in progress), and on S3 aborts multipart uploads
-        abandoned that long. Returns the deleted complete versions.
+        Also removes interrupted writes: staging leftovers and incomplete versions untouched for
+        ``stale_after_s`` seconds (younger ones may be publishes in progress), and at once, whatever
+        their age, staging entries whose writer is known dead (a local disk's staging names record the
+        writer: a process of this machine that no longer runs; so a publish killed mid-way is cleaned
+        up at the next gc). On S3 it aborts multipart uploads abandoned ``stale_after_s``. Returns the
+        deleted complete versions.
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise StoreError(f"gc {kind}: keep must be an integer >= 1, got {keep!r}")
@@ -1131,8 +1194,10 @@ class ArtifactStore:
         for entry in entries:
             path = entry.rstrip("/")
             name = path.rsplit("/", 1)[-1]
-            partial = name.startswith(STAGING_PREFIX) or (_VERSION_DIR.match(name) and not self._is_complete(path))
-            if partial and (age := self._age(path, now)) is not None and age >= stale_after_s:
+            staging = name.startswith(STAGING_PREFIX)
+            partial = staging or (_VERSION_DIR.match(name) and not self._is_complete(path))
+            if (self.local and staging and _writer_alive(name) is False) or (
+                    partial and (age := self._age(path, now)) is not None and age >= stale_after_s):
                 self.fs.rm(path, recursive=True)
 
     def _age(self, path: str, now: float) -> float | None:

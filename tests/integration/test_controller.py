@@ -72,3 +72,47 @@ def test_cli_bad_spec_is_one_clear_line(tmp_path, arg, needle):
                           "--no-progress"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_crashes_around_the_checkpoint_commit_lose_and_repeat_nothing(tmp_path, monkeypatch):
+    """The trainer checkpoint and controller.json are one commit, and the step's record survives in it."""
+    spec = _spec(tmp_path, **{"rollout.speculative.mode": "off"})
+    ckpt = tmp_path / "run" / "checkpoint"
+    first = Controller(spec)
+    tuner_state = Controller._tuner_state
+
+    def killed_before_the_commit(self, worker):  # runs after the trainer saved step 2, before controller.json
+        if self.step == 2:
+            raise KeyboardInterrupt("killed between the trainer checkpoint and controller.json")
+        return tuner_state(self, worker)
+
+    monkeypatch.setattr(Controller, "_tuner_state", killed_before_the_commit)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    monkeypatch.undo()
+    assert (ckpt / "trainer-000002").is_dir()  # written, never committed
+    per_step = first.trainer.optimizer_steps // 2
+
+    second = Controller(spec)
+    assert second.step == 1 and second.trainer.optimizer_steps == per_step  # step 2's update is not kept twice
+    assert not (ckpt / "trainer-000002").exists()
+    append = Controller._append
+
+    def killed_before_the_record(path, record):  # runs after step 2 was committed
+        if record.get("step") == 2 and "event" not in record:
+            raise KeyboardInterrupt("killed before the step record was written")
+        append(path, record)
+
+    monkeypatch.setattr(Controller, "_append", staticmethod(killed_before_the_record))
+    with pytest.raises(KeyboardInterrupt):
+        second.run()
+    monkeypatch.undo()
+
+    third = Controller(_spec(tmp_path, steps=3, **{"rollout.speculative.mode": "off"}))
+    assert third.step == 2
+    third.run()
+    records = step_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[1]["recovered"] and records[1]["reward_mean"] is not None and records[1]["wall_s"] is None
+    assert third.trainer.optimizer_steps == 3 * per_step
+    assert sorted(p.name for p in ckpt.iterdir()) == ["controller.json", "trainer-000003"]

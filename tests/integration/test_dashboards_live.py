@@ -75,6 +75,12 @@ def test_every_dashboard_query_returns_data(tmp_path, demo_drafter_dir, promethe
             # the drafter panels need a long tail in which some worker trained the drafter and pushed a delta
             assert any(r["drafter_train"]["pushes"] for r in records), [r["roles"] for r in records]
             prom.wait_for("tlt_controller_step == 2", timeout=15)
+            # the per-batch-size counter splits each worker's SD on/off counter exactly (one snapshot per scrape)
+            split = {(r["metric"]["worker"], r["metric"]["sd"]): float(r["value"][1]) for r in prom.query(
+                "sum by (worker, sd) (tlt_rollout_batch_decode_iterations_total)")}
+            whole = {(r["metric"]["worker"], r["metric"]["sd"]): float(r["value"][1]) for r in prom.query(
+                "sum by (worker, sd) (tlt_rollout_decode_iterations_total)")}
+            assert split == whole and sum(n for (_, sd), n in split.items() if sd == "on") > 0, (split, whole)
 
             # instant queries: poll until each has a result (rates need two scrapes of a series)
             pending, invalid = dict(queries), {}

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ from safetensors.torch import save as save_safetensors
 from tests.conftest import MODEL_VARIANTS, _save_random
 from tlt.config import job_spec_from_dict
 from tlt.drafter.aggregator import DrafterAggregator
-from tlt.drafter.service import DrafterServicer, open_aggregator
+from tlt.drafter.service import DrafterServicer, RemoteDrafter, open_aggregator
 from tlt.drafter.warmup import new_drafter
 from tlt.models.loader import load_model
+from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.service import RolloutServicer
-from tlt.rollout.worker import RolloutWorker
+from tlt.rollout.worker import RequestQueue, RolloutRequest, RolloutWorker
 from tlt.rpc.client import open_channel
+from tlt.rpc.errors import RpcError
 from tlt.rpc.server import GrpcServer, start_server
 from tlt.rpc.v1 import (
     common_pb2,
@@ -426,7 +429,7 @@ def delta_streams(draw, shapes: dict[str, tuple[int, ...]]) -> list[drafter_pb2.
         INT64, st.sampled_from([0, len(payload) + 1, max(len(payload) - 1, 0), -1, 2**40]))))
     worker = draw(maybe_bad(st.sampled_from(["w1", "w2"]), st.one_of(st.just(""), TEXT)))
     header = drafter_pb2.DeltaHeader(worker=worker, tokens=draw(maybe_bad(st.integers(1, 100), INT64)),
-                                     base_version=draw(INT64), size_bytes=size)
+                                     base_version=draw(maybe_bad(st.just(0), INT64)), size_bytes=size)
     chunks = [drafter_pb2.DeltaChunk(data=p) for p in pieces]
     at = draw(maybe_bad(st.just("first"), st.sampled_from(["none", "middle", "last", "twice"])))
     if at == "first":
@@ -460,6 +463,98 @@ def test_push_delta_and_publish(cluster, drafter_shapes, data):
         assert code == grpc.StatusCode.OK
         assert reply.version == before + reply.published
         still_serving(cluster)
+
+
+def _spot_worker(cluster: Cluster, drafter: RemoteDrafter, drafter_base=None) -> RolloutWorker:
+    """A worker that trains its drafter online and pushes every step's delta to ``drafter`` over gRPC."""
+    spec = job_spec_from_dict({
+        "name": "spot", "output_dir": str(cluster.tmp / "spot"),
+        "model": {"path": str(cluster.tmp / "model"), "dtype": "float32"},
+        "rollout": {"max_running": 2, "speculative": {"mode": "adaptive", "strategies": ["2_1_3"]}},
+        "drafter": {"init": "random", "online_training": True, "push_every": 1, "batch_size": 2,
+                    "min_responses": 1},
+        "store": {"uri": str(cluster.tmp / "store")},
+    })
+    model = load_model(cluster.tmp / "model", dtype="float32")
+    worker = RolloutWorker("spot-worker", model, spec, new_drafter(model, seed=1), ArtifactStore(spec.store_uri),
+                           push_delta=drafter.push_delta, drafter_base=drafter_base)
+    worker.load_policy(-1)
+    worker.load_drafter(-1)
+    return worker
+
+
+def _drafter_stint(worker: RolloutWorker, until: Callable[[], bool]) -> None:
+    """One rollout step: two requests, then the drafter role (training on them) until ``until()``; re-raises
+    what the step raised."""
+    params = SamplingParams(max_new_tokens=6, seed=3)
+    queue = RequestQueue([RolloutRequest(f"r{i}", [3, 4, 5 + i], params, 0) for i in range(2)])
+    step_over = threading.Event()
+    done: list[str] = []
+    failed: list[BaseException] = []
+
+    def on_result(request: RolloutRequest, out) -> None:
+        done.append(request.request_id)
+        if len(done) == 2:
+            worker.set_role("drafter")  # the engine is empty: train on the two responses
+
+    def run() -> None:
+        try:
+            worker.run_rollout(queue, on_result, step_over)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and not until() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    step_over.set()
+    thread.join(60)
+    worker.set_role("rollout")
+    assert not thread.is_alive(), "the step did not end"
+    if failed:
+        raise failed[0]
+    assert until(), "the drafter stint did not get there within 60 s"
+
+
+def test_push_delta_names_its_base_version_and_an_unpublished_one_is_refused(cluster, drafter_shapes):
+    stub, latest = cluster.drafter, cluster.aggregator.version
+    payload = save_safetensors({name: torch.zeros(shape) for name, shape in drafter_shapes.items()})
+
+    def push(base_version: int) -> drafter_pb2.PushDeltaResponse:
+        header = drafter_pb2.DeltaHeader(worker="w-base", tokens=5, base_version=base_version, size_bytes=len(payload))
+        return stub.PushDelta(iter([drafter_pb2.DeltaChunk(header=header), drafter_pb2.DeltaChunk(data=payload)]),
+                              timeout=TIMEOUT_S)
+
+    rejected = stub.Status(drafter_pb2.DrafterStatusRequest(), timeout=TIMEOUT_S).deltas_rejected
+    with pytest.raises(grpc.RpcError) as info:
+        push(latest + 1)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert f"base_version {latest + 1} is newer than the latest drafter version {latest}" in info.value.details()
+    assert stub.Status(drafter_pb2.DrafterStatusRequest(), timeout=TIMEOUT_S).deltas_rejected == rejected + 1
+    with pytest.raises(grpc.RpcError) as info:
+        push(-1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "base_version must be >= 0" in info.value.details()
+    assert push(latest).pending_workers >= 1  # the current version, and an older one (asynchronous training)
+    stub.Publish(drafter_pb2.PublishDrafterRequest(step=1), timeout=TIMEOUT_S)
+    assert cluster.aggregator.version == latest + 1
+    assert push(latest).pending_workers >= 1
+
+    # a rollout worker's drafter-role stint sends the version it started from, through RemoteDrafter
+    remote = RemoteDrafter(f"127.0.0.1:{cluster.servers['drafter'].port}")
+    try:
+        unpublished = cluster.aggregator.version + 5
+        worker = _spot_worker(cluster, remote, drafter_base=lambda: (unpublished, cluster.aggregator.base()[1]))
+        with pytest.raises(RpcError) as refused:
+            _drafter_stint(worker, until=lambda: False)
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        assert f"base_version {unpublished} is newer" in str(refused.value)
+        pushes = cluster.aggregator.status().total_pushes
+        worker = _spot_worker(cluster, remote)  # starts from the newest version in the store
+        _drafter_stint(worker, until=lambda: cluster.aggregator.status().total_pushes > pushes)
+        assert cluster.aggregator.status().total_pushes > pushes
+    finally:
+        remote.close()
 
 
 # ---- Trainer ----------------------------------------------------------------------------------------------

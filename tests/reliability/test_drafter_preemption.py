@@ -1,11 +1,12 @@
 """Drafter training on spot workers, each a real process preempted at a random moment (SIGTERM: the
 unpushed work is pushed on the way out; SIGKILL: it is lost), pushing to a real drafter service process:
 every published version is complete and loads, each new worker resumes from the newest version, and
-acceptance keeps improving across preemptions."""
+acceptance on held-out prompts rises well above the start and never falls back across rounds of preemptions."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import queue
 import random
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from tests.integration.test_adaptive_drafter import acceptance, drift_policy
+from tests.reliability.service_process import spawn_service
 from tlt.config import JobSpec, apply_overrides, job_spec_from_dict
 from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.drafter.service import RemoteDrafter
@@ -31,26 +33,20 @@ from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 from tlt.store import ArtifactStore
 
 START_TIMEOUT_S = 120.0
+HELD_OUT_SEED = 6  # prompts and sampling seeds the spot workers never train on
+NOISE = 0.15  # accepted tokens per draft: how much acceptance on the same held-out set moves by chance
 
 
 @contextlib.contextmanager
 def drafter_service(spec: JobSpec, directory: Path) -> Iterator[str]:
     """A ``tlt serve drafter`` process for ``spec``; yields its address."""
-    config, port_file = directory / "job.yaml", directory / "drafter.port"
+    config = directory / "job.yaml"
     config.write_text(yaml.safe_dump(spec.to_dict()))
-    with open(directory / "drafter.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tlt.cli", "serve", "drafter", "--config", str(config),
-                                 "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)],
-                                stdout=log, stderr=subprocess.STDOUT)
+    service = spawn_service("drafter", config, directory)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_file.is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, (directory / "drafter.log").read_text()
-            time.sleep(0.1)
-        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        yield service.wait_serving(START_TIMEOUT_S).address
     finally:
-        proc.terminate()
-        proc.wait(30)
+        service.stop()
 
 
 class SpotWorker:
@@ -85,7 +81,7 @@ class SpotWorker:
         return self.output
 
 
-def test_preempted_spot_processes_never_tear_a_version_and_acceptance_keeps_rising(tmp_path, demo_model_dir,
+def test_preempted_spot_processes_never_tear_a_version_and_acceptance_rises_and_holds(tmp_path, demo_model_dir,
                                                                                     demo_drafter_dir):
     policy = load_model(demo_model_dir, dtype="float32")
     drift_policy(policy)
@@ -95,8 +91,9 @@ def test_preempted_spot_processes_never_tear_a_version_and_acceptance_keeps_risi
     tuner = BegMabTuner(TunerConfig(sd_batch_threshold=10**6, strategies=[SpecStrategy.parse("4_2_8")],
                                     allow_sd_off_arm=False))
     engine = RolloutEngine(target, max_running=32, drafter=drafter, tuner=tuner)
-    levels = [acceptance(engine, seed=5)]
-    _, prompts, outs = levels[0]
+    _, prompts, outs = acceptance(engine, seed=5)  # the responses the spot workers train on
+    # acceptance after each round on the same held-out prompts and sampling seeds, so rounds compare paired
+    levels = [acceptance(engine, seed=HELD_OUT_SEED)[0]]
     examples = tmp_path / "examples.json"
     examples.write_text(json.dumps([[p, o.token_ids] for p, o in zip(prompts, outs)]))
 
@@ -128,11 +125,14 @@ def test_preempted_spot_processes_never_tear_a_version_and_acceptance_keeps_risi
                 loaded = store.load_tensors(DRAFTER_KIND, published)  # complete and verified
                 assert all(torch.isfinite(t).all() for t in loaded.values())
             copy_drafter_tensors(drafter, store.load_tensors(DRAFTER_KIND, published), f"drafter v{published}")
-            levels.append(acceptance(engine, seed=6 + round_))
+            levels.append(acceptance(engine, seed=HELD_OUT_SEED)[0])
         status = remote.status()
         remote.close()
     assert {signal.SIGTERM, signal.SIGKILL} <= set(kills)  # both kinds of preemption happened
     assert status.version == published and status.pending_workers == 0
     assert not [p for p in Path(store.root, DRAFTER_KIND).iterdir() if p.name.startswith(".staging-")]
-    lengths = [level[0] for level in levels]
-    assert lengths[1] > lengths[0] + 0.2 and lengths[2] > lengths[0] + 0.5, lengths
+    # each round of preempted training clearly improves on the start, no round falls back by more than the
+    # measurement's noise, and the last ends well above the start
+    assert levels[1] > levels[0] + 0.3, levels
+    assert all(later >= earlier - NOISE for earlier, later in itertools.pairwise(levels)), levels
+    assert levels[-1] > levels[0] + 0.5, levels

@@ -4,24 +4,19 @@ service resumes from the newest drafter version, and the job ends with the step 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 
 from tests.integration.conftest import TINY_JOB
+from tests.processes import checkpoint_optimizer_steps
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
 from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.rollout.worker import POLICY_KIND
 from tlt.serving.launcher import LocalServices
 from tlt.store import ArtifactStore
-from tlt.trainer.policy import META_FILE
-
-
-def _optimizer_steps(run_dir) -> int:
-    return json.loads((run_dir / "checkpoint" / "trainer" / META_FILE).read_text())["step"]
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")
@@ -44,7 +39,7 @@ def test_killed_trainer_and_drafter_services_restart_and_the_job_goes_on_exactly
             events.append(event)
             kind, step = event["event"], event.get("step")
             if kind == "step_end" and step == 1:
-                per_step.append(_optimizer_steps(tmp_path))
+                per_step.append(checkpoint_optimizer_steps(tmp_path))
             if kind == "train_start" and step == 2:
                 kill("trainer")  # its TrainStep finds nobody: restore the step-1 checkpoint, train again
             if kind == "rollout_start" and step == 3:
@@ -62,7 +57,7 @@ def test_killed_trainer_and_drafter_services_restart_and_the_job_goes_on_exactly
     backs = [(e["service"]) for e in events if e["event"] == "service_back"]
     assert downs == backs == ["trainer", "drafter", "trainer"], events
     # exactly one GRPO update per step was kept: the interrupted ones were rolled back and redone once
-    assert _optimizer_steps(tmp_path) == 4 * per_step[0]
+    assert checkpoint_optimizer_steps(tmp_path) == 4 * per_step[0]
     store = ArtifactStore(tmp_path / "store")
     assert store.latest(POLICY_KIND).version == 4
     assert all(r["trainer"] for r in records)  # no update's metrics were lost

@@ -1,5 +1,6 @@
-"""A rollout worker killed in the middle of a step: its requests are re-dispatched to the others, the
-step completes with every request answered exactly once, and the worker rejoins at the next step."""
+"""A rollout worker killed in the middle of a step: the requests it held unanswered are re-dispatched to the
+others (seen going back to the queue), the step completes with every request answered exactly once, and the
+worker rejoins at the next step."""
 
 from __future__ import annotations
 
@@ -11,17 +12,26 @@ import pytest
 from tests.integration.conftest import TINY_JOB
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
+from tlt.rollout.worker import RequestQueue
 from tlt.serving.launcher import LocalServices
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")
-def test_killed_worker_mid_step_loses_and_duplicates_nothing(tmp_path):
+def test_killed_worker_mid_step_loses_and_duplicates_nothing(tmp_path, monkeypatch):
     spec = job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "steps": 3, "data.heldout": 0,
                                                    "output_dir": str(tmp_path)}))
     events: list[dict] = []
     results: dict[int, list[str]] = {}
     step = {"n": 0}
     victim: list[int] = []
+    handed_back: dict[int, list[str]] = {}  # by step: requests a failed worker's client put back in the queue
+    put_back = RequestQueue.put_back
+
+    def spy(queue: RequestQueue, requests: list) -> None:
+        handed_back.setdefault(step["n"], []).extend(r.request_id for r in requests)
+        put_back(queue, requests)
+
+    monkeypatch.setattr(RequestQueue, "put_back", spy)
     services = LocalServices(spec)
     with services as addresses:
         target = services.procs["rollout-1"].pid
@@ -40,6 +50,9 @@ def test_killed_worker_mid_step_loses_and_duplicates_nothing(tmp_path):
         controller = Controller(spec, on_event=on_event, services=addresses, supervisor=services.revive)
         records = controller.run()
     assert victim
+    # the killed worker held unanswered requests: they went back to the queue, and the other worker answered them
+    assert set(handed_back) == {2} and handed_back[2], handed_back
+    assert set(handed_back[2]) <= set(results[2]) and len(set(handed_back[2])) == len(handed_back[2])
     expected = spec.data.prompts_per_step * spec.data.group_size
     for n in (1, 2, 3):
         assert len(results[n]) == expected and len(set(results[n])) == expected  # none lost, none twice

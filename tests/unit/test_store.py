@@ -9,6 +9,9 @@ import io
 import json
 import os
 import pickle
+import re
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -723,3 +726,53 @@ def test_scratch_paths_are_local_only_and_collected_when_stale(tmp_path):
     assert not left.exists()
     with pytest.raises(StoreError, match=r"scratch"):
         store.scratch_path("policy", "../escape.json")
+
+
+# ---- staging left by a dead writer: collected at the next gc, whatever its age --------------------------
+
+_SCRATCH_WRITER = """
+import sys
+from tlt.store import ArtifactStore
+path = ArtifactStore(sys.argv[1]).scratch_path("policy", "model.safetensors")
+path.write_bytes(b"half a model")
+print(path, flush=True)
+sys.stdin.read()  # a live writer until the test closes its stdin
+"""
+
+
+def _scratch_writer(root: Path) -> tuple[subprocess.Popen, Path]:
+    """A process that has written a scratch file into the store at ``root`` and waits; (process, file)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SCRATCH_WRITER, str(root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="writer liveness is read from /proc (Linux)")
+def test_gc_removes_staging_of_dead_writers_at_once_and_keeps_live_and_foreign_ones(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    store.publish("policy", 1, {"a.json": b"1"})
+    dead, dead_file = _scratch_writer(tmp_path / "s")
+    live, live_file = _scratch_writer(tmp_path / "s")
+    dead.stdin.close()
+    dead.wait(60)
+    kind_dir = tmp_path / "s" / "policy"
+    _, host, pid, start = re.match(r"(\.staging-[0-9a-f]{32})-([0-9a-f]{16})-(\d+)-(\d+)", live_file.name).groups()
+    assert int(pid) == live.pid  # the name records its writer
+    other_host = kind_dir / f".staging-{uuid.uuid4().hex}-{'0' * 16}-{dead.pid}-{start}"  # its writer's life is unknown
+    reused = kind_dir / f".staging-{uuid.uuid4().hex}-{host}-{live.pid}-{int(start) + 1}"  # same PID, another process
+    legacy = kind_dir / ".staging-from-an-older-tlt"
+    for path in (other_host, reused, legacy):
+        path.mkdir()
+        (path / "a.json").write_bytes(b"half")
+    try:
+        assert store.gc("policy", keep=1) == []  # young: only the dead writers' leftovers go
+        assert not dead_file.exists() and not reused.exists()
+        assert live_file.read_bytes() == b"half a model" and other_host.is_dir() and legacy.is_dir()
+        assert store.versions("policy") == [1]
+    finally:
+        live.stdin.close()
+        live.wait(60)
+    store.gc("policy", keep=1)  # its writer has exited now
+    assert not live_file.exists() and other_host.is_dir() and legacy.is_dir()
+    store.gc("policy", keep=1, stale_after_s=0)  # the age rule still holds for everything else
+    assert not [p for p in kind_dir.iterdir() if p.name.startswith(".staging-")]

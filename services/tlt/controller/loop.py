@@ -11,6 +11,8 @@ idle worker's core really is free for the drafter, as an idle GPU is on a cluste
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +43,18 @@ PLANNER_PERIOD_S = 0.02
 SERVICE_RESTART_TIMEOUT_S = 300.0  # how long to wait for a dead trainer/drafter to serve again (a pod restart)
 MAX_SERVICE_RESTARTS = 3  # restarts survived per call before the job gives up
 _T = TypeVar("_T")
+TRAINER_CHECKPOINT_PREFIX = "trainer"  # checkpoint/trainer-<step>: one directory per committed step
+
+
+def committed_trainer_checkpoint(out_dir: str | Path) -> Path:
+    """The trainer checkpoint directory that ``out_dir``'s committed controller state names.
+
+    The trainer's checkpoint and the controller's state are one commit: the trainer writes a new directory per
+    step and ``controller.json`` (replaced atomically) says which one belongs to it, so a crash between the two
+    writes leaves the previous step's pair in force (``checkpoint/trainer`` is the layout of older runs)."""
+    ckpt = Path(out_dir) / "checkpoint"
+    state = json.loads((ckpt / "controller.json").read_text())
+    return ckpt / state.get("trainer", TRAINER_CHECKPOINT_PREFIX)
 
 
 @dataclass
@@ -85,6 +99,7 @@ class Controller:
         self.supervisor = supervisor
         self.inproc = services is None
         self.step = 0
+        self._trainer_checkpoint: Path | None = None  # the committed one (see committed_trainer_checkpoint)
         self.active: list = []
         self.failed_workers: list[str] = []
         self._revived: set[str] = set()  # services the supervisor restarted, not yet caught up
@@ -115,14 +130,18 @@ class Controller:
             self.trainer.publish_policy(0)
             return
         state = json.loads(self._state_path.read_text())
-        self.trainer.load_checkpoint(self.out_dir / "checkpoint" / "trainer")
+        self._trainer_checkpoint = committed_trainer_checkpoint(self.out_dir)
+        self.trainer.load_checkpoint(self._trainer_checkpoint)
+        self._drop_uncommitted_trainer_checkpoints()
         self.step = state["step"]
+        self._recover_step_record(state.get("record"))
         self.sampler = PromptSampler.from_state(self.prompts.train, self.spec.data.prompts_per_step, state["sampler"])
         latest = self.store.latest(POLICY_KIND)
         if latest is None or latest.version < self.step:  # crashed between checkpoint and publish
             self.trainer.publish_policy(self.step)
         for worker, tuner_state in zip(self.workers, state.get("tuners", [])):
             worker.load_tuner_state(tuner_state)
+        self._collect_garbage()  # e.g. the staging of a publish the crash cut short
         self.on_event({"event": "resumed", "step": self.step})
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -149,6 +168,17 @@ class Controller:
             self.close()
         return records
 
+    def _recover_step_record(self, record: dict | None) -> None:
+        """Log the committed step's record if the crash came before ``run`` wrote it (its timings are lost)."""
+        log_path = self.out_dir / "steps.jsonl"
+        if record is None or record.get("step") != self.step:
+            return
+        logged = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+            if log_path.is_file() else []
+        if any(r.get("step") == self.step and "event" not in r for r in logged):
+            return
+        self._append(log_path, {**record, "recovered": True})
+
     @staticmethod
     def _append(path: Path, record: dict) -> None:
         with path.open("a") as f:
@@ -169,25 +199,25 @@ class Controller:
         samples, texts = self._score(batch, requests, results)
         comp.set_threads(self.total_threads)
         self.on_event({"event": "train_start", "step": step})
-        train_metrics = self._train(step, samples, summaries)
-        t2 = time.perf_counter()
-        self._surviving("trainer", self.trainer, lambda: self.trainer.publish_policy(step), self._restore_trainer)
-        self.store.gc(POLICY_KIND, keep=spec.store.keep)
-        if self.drafter is not None:
-            self.store.gc(DRAFTER_KIND, keep=spec.store.keep)
-        t3 = time.perf_counter()
         sd = self._sd_record([s.stats for s in summaries])
         roles = [{"worker": s.worker, "spans": [[x.start, x.end, x.role] for x in s.spans if x.role != "end"]}
                  for s in summaries]
+        # Everything but the timings, known before the checkpoint, which keeps it (see _recover_step_record).
         record = {
-            "step": step, "wall_s": t3 - t0, "rollout_s": rollout_s, "train_s": t2 - t1, "publish_s": t3 - t2,
-            "reward_mean": train_metrics.get("reward_mean"), "reward_std": train_metrics.get("reward_std"),
+            "step": step, "wall_s": None, "rollout_s": rollout_s, "train_s": None, "publish_s": None,
+            "reward_mean": None, "reward_std": None,
             "heldout_reward": None, "response_lengths": [len(s.response_ids) for s in samples],
             "sd": sd, "policy_version": policy_version, "drafter_version": drafter_version,
             "new_drafter_version": new_drafter, "tail_s": tail_s, "roles": roles,
-            "drafter_train": self._drafter_record(summaries), "trainer": train_metrics,
-            "example": texts[0] if texts else "", "failed_workers": self.failed_workers,
+            "drafter_train": self._drafter_record(summaries), "trainer": None,
+            "example": texts[0] if texts else "", "failed_workers": list(self.failed_workers),
         }
+        self._train(step, samples, summaries, record)
+        t2 = time.perf_counter()
+        self._surviving("trainer", self.trainer, lambda: self.trainer.publish_policy(step), self._restore_trainer)
+        self._collect_garbage()
+        t3 = time.perf_counter()
+        record.update(wall_s=t3 - t0, train_s=t2 - t1, publish_s=t3 - t2)
         self.status.update(phase="update", reward_mean=record["reward_mean"], acceptance_length=sd["acceptance_length"],
                            last_step={"total": t3 - t0, "rollout": rollout_s, "tail": tail_s or 0.0,
                                       "train": t2 - t1, "publish": t3 - t2})
@@ -195,6 +225,13 @@ class Controller:
             record["heldout_reward"] = self.evaluate()
         self.on_event({"event": "step_end", "step": step, "record": record})
         return record
+
+    def _collect_garbage(self) -> None:
+        """Drop versions beyond ``store.keep``, and staging left by writers that died (at once on this
+        machine's disks; after the store's age limit elsewhere)."""
+        self.store.gc(POLICY_KIND, keep=self.spec.store.keep)
+        if self.drafter is not None:
+            self.store.gc(DRAFTER_KIND, keep=self.spec.store.keep)
 
     # ---- surviving a trainer or drafter restart --------------------------------------------------
 
@@ -223,17 +260,17 @@ class Controller:
 
     def _restore_trainer(self) -> None:
         """Put a restarted trainer back to the last checkpoint (a fresh one already is at step 0)."""
-        ckpt = self.out_dir / "checkpoint" / "trainer"
-        if ckpt.is_dir():
+        ckpt = self._trainer_checkpoint
+        if ckpt is not None and ckpt.is_dir():
             self.trainer.load_checkpoint(ckpt)
         elif self.trainer.optimizer_steps != 0:
             raise RpcError("the trainer service lost its answer before the first checkpoint and kept its state; "
                            "restart the job to resume", grpc.StatusCode.ABORTED)
 
-    def _train(self, step: int, samples: list[Sample], summaries: list[WorkerStepSummary]) -> dict:
-        """GRPO on the step's samples, then the checkpoint (before publishing: a crash in between republishes
-        on resume). A trainer restart is rolled back to the checkpoint and the update redone unless the
-        checkpoint already holds it (then only its metrics are lost)."""
+    def _train(self, step: int, samples: list[Sample], summaries: list[WorkerStepSummary], record: dict) -> dict:
+        """GRPO on the step's samples, then the checkpoint with the step's ``record`` (before publishing: a
+        crash in between republishes on resume). A trainer restart is rolled back to the checkpoint and the
+        update redone unless the checkpoint already holds it (then only its metrics are lost)."""
         before = self._surviving("trainer", self.trainer, lambda: self.trainer.optimizer_steps, self._restore_trainer)
         metrics: dict | None = None
 
@@ -242,7 +279,9 @@ class Controller:
             if metrics is None:
                 metrics = self.trainer.train_step(samples)
             self.step = step
-            self._checkpoint(summaries)
+            record.update(reward_mean=metrics.get("reward_mean"), reward_std=metrics.get("reward_std"),
+                          trainer=metrics)
+            self._checkpoint(summaries, record)
             return metrics
 
         def restored() -> None:
@@ -419,17 +458,31 @@ class Controller:
                 "loss": report.last_loss, "preemptions": sum(r.preempted for s in summaries for r in s.drafter),
                 "failed_pushes": report.failed_pushes}
 
-    def _checkpoint(self, summaries: list[WorkerStepSummary]) -> None:
-        """Trainer state, sampler position, tuner states and versions, so a restart resumes exactly."""
+    def _checkpoint(self, summaries: list[WorkerStepSummary], record: dict) -> None:
+        """Trainer state, sampler position, tuner states, versions and the step's record, so a restart resumes
+        exactly. Committed by replacing controller.json, which names the step's trainer checkpoint."""
         ckpt = self.out_dir / "checkpoint"
         ckpt.mkdir(parents=True, exist_ok=True)
-        self.trainer.save_checkpoint(ckpt / "trainer")
-        state = {"step": self.step, "sampler": self.sampler.state(),
+        trainer_dir = ckpt / f"{TRAINER_CHECKPOINT_PREFIX}-{self.step:06d}"
+        self.trainer.save_checkpoint(trainer_dir)
+        state = {"step": self.step, "trainer": trainer_dir.name, "sampler": self.sampler.state(),
                  "drafter_version": summaries[0].drafter_version if summaries else None,
-                 "tuners": [self._tuner_state(w) for w in self.workers]}
+                 "tuners": [self._tuner_state(w) for w in self.workers], "record": record}
         tmp = ckpt / "controller.json.tmp"
-        tmp.write_text(json.dumps(state))
+        with tmp.open("w") as f:
+            f.write(json.dumps(state))
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(ckpt / "controller.json")
+        self._trainer_checkpoint = trainer_dir
+        self._drop_uncommitted_trainer_checkpoints()
+
+    def _drop_uncommitted_trainer_checkpoints(self) -> None:
+        """Remove trainer checkpoints other than the committed one (older steps, or one a crash left uncommitted)."""
+        ckpt = self.out_dir / "checkpoint"
+        for path in [*ckpt.glob(f"{TRAINER_CHECKPOINT_PREFIX}*"), *ckpt.glob(f".{TRAINER_CHECKPOINT_PREFIX}*")]:
+            if path.is_dir() and path != self._trainer_checkpoint:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _tuner_state(self, worker) -> dict | None:
         """A worker's bandit state for the checkpoint (None for one that is down: it restarts cold)."""

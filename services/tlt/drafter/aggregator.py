@@ -19,6 +19,7 @@ import torch
 from tlt.errors import InvalidRequestError
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.drafter_io import save_drafter
+from tlt.store import VersionNotFoundError
 
 DRAFTER_KIND = "drafter"
 
@@ -72,10 +73,17 @@ class DrafterAggregator:
         with self._lock:
             return self.version, trainable_state(self.drafter)
 
-    def push_delta(self, worker: str, delta: dict[str, torch.Tensor], tokens: int) -> None:
-        """Queue a worker's weight change; validated so a bad push never corrupts the master."""
+    def push_delta(self, worker: str, delta: dict[str, torch.Tensor], tokens: int,
+                   base_version: int | None = None) -> None:
+        """Queue a worker's weight change; validated so a bad push never corrupts the master.
+
+        ``base_version`` is the published version the delta was computed against (None: not checked). Older
+        versions are fine (training is asynchronous); a newer one was never published, so the push is refused.
+        """
         if tokens <= 0:
             raise InvalidRequestError(f"push from {worker}: tokens must be > 0, got {tokens}")
+        if base_version is not None and base_version < 0:
+            raise InvalidRequestError(f"push from {worker}: base_version must be >= 0, got {base_version}")
         if set(delta) != self._names:
             missing, extra = sorted(self._names - set(delta)), sorted(set(delta) - self._names)
             raise InvalidRequestError(f"push from {worker}: delta tensors do not match the drafter "
@@ -88,6 +96,10 @@ class DrafterAggregator:
             if not torch.isfinite(value).all():
                 raise InvalidRequestError(f"push from {worker}: {name} holds NaN or inf; push refused")
         with self._lock:
+            if base_version is not None and base_version > self.version:
+                raise VersionNotFoundError(
+                    f"push from {worker}: base_version {base_version} is newer than the latest drafter version "
+                    f"{self.version}; compute deltas from a published version (LatestVersion)")
             pending = self._pending.setdefault(worker, _Pending({n: torch.zeros_like(v, dtype=torch.float32)
                                                                  for n, v in delta.items()}))
             for name, value in delta.items():

@@ -23,7 +23,7 @@ from tlt.models.transformer import CausalLM
 from tlt.rpc.client import RemoteClient
 from tlt.rpc.server import ServicerBase, chunks, rpc_method
 from tlt.rpc.v1 import drafter_pb2, drafter_pb2_grpc
-from tlt.store import ArtifactStore
+from tlt.store import ArtifactStore, VersionNotFoundError
 
 SERVICE_NAME = "tlt.v1.Drafter"
 MAX_DELTA_BYTES = 8 * 1024 * 1024 * 1024
@@ -85,7 +85,10 @@ class DrafterServicer(ServicerBase, drafter_pb2_grpc.DrafterServicer):
                                               "bfloat16 or float64")
             if header.tokens > MAX_DELTA_TOKENS:
                 raise InvalidRequestError(f"tokens must be in [1, {MAX_DELTA_TOKENS}], got {header.tokens}")
-            self.aggregator.push_delta(header.worker or "unnamed", delta, header.tokens)
+            self.aggregator.push_delta(header.worker or "unnamed", delta, header.tokens, header.base_version)
+        except VersionNotFoundError as exc:
+            self.rejected += 1
+            raise VersionNotFoundError(f"PushDelta from {header.worker!r}: {exc}") from None
         except (SafetensorError, InvalidRequestError, ValueError) as exc:
             self.rejected += 1
             raise InvalidRequestError(f"PushDelta from {header.worker!r}: {exc}") from None
@@ -122,12 +125,13 @@ class RemoteDrafter(RemoteClient):
     peer = "drafter service"
     default_timeout = 60.0
 
-    def push_delta(self, worker: str, delta: dict[str, torch.Tensor], tokens: int) -> None:
+    def push_delta(self, worker: str, delta: dict[str, torch.Tensor], tokens: int, base_version: int = 0) -> None:
+        """Stream ``delta`` (trained on ``tokens`` target tokens, computed against drafter ``base_version``)."""
         payload = save_safetensors({k: v.detach().float().contiguous() for k, v in delta.items()})
 
         def stream() -> Iterator[drafter_pb2.DeltaChunk]:
-            yield drafter_pb2.DeltaChunk(header=drafter_pb2.DeltaHeader(worker=worker, tokens=tokens,
-                                                                        size_bytes=len(payload)))
+            yield drafter_pb2.DeltaChunk(header=drafter_pb2.DeltaHeader(
+                worker=worker, tokens=tokens, base_version=base_version, size_bytes=len(payload)))
             for piece in chunks(payload):
                 yield drafter_pb2.DeltaChunk(data=piece)
 

@@ -8,6 +8,7 @@ last one into it), so every forward reads the cache as a contiguous view.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
@@ -164,6 +165,8 @@ class RolloutEngine(StepLoop):
         if drafter is not None and tuner is None:
             tuner = BegMabTuner(TunerConfig())
         self.tuner = tuner if drafter is not None else None
+        # Iterations are counted per batch-size bucket (a metric); plain engines use the default buckets.
+        self.bucket_bounds: list[int] = list((self.tuner.config if self.tuner else TunerConfig()).bucket_bounds)
         # Room past the longest sequence for a verification tree / the drafter's scratch nodes.
         strategies = self.tuner.config.strategies if self.tuner else []
         cache_headroom = max((st.num_verify + st.depth for st in strategies), default=0)
@@ -260,21 +263,20 @@ class RolloutEngine(StepLoop):
         new_tokens = 0
         if decoding:
             strategy = self.tuner.choose(len(decoding)) if self.tuner else None
+            bucket = self.bucket_bounds[bisect.bisect_right(self.bucket_bounds, len(decoding)) - 1]
             start = time.perf_counter()
             if strategy is None:
                 self._decode(decoding)
                 new_tokens += len(decoding)
                 seconds = time.perf_counter() - start
-                self.stats.plain_seconds += seconds
-                self.stats.plain_iterations += 1
+                self.stats.count_iteration(False, seconds, bucket)
                 if self.tuner:
                     self.tuner.record_plain(len(decoding), len(decoding), seconds)
             else:
                 emitted, catch_up_s, switch_over = self._speculate(decoding, strategy)
                 new_tokens += emitted
                 seconds = time.perf_counter() - start
-                self.stats.sd_seconds += seconds
-                self.stats.sd_iterations += 1
+                self.stats.count_iteration(True, seconds, bucket)
                 # A switch-over's one-time drafter prefill is not a property of the strategy.
                 self.tuner.record(len(decoding), strategy, emitted, seconds - catch_up_s if switch_over else seconds)
         if admitted:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from tlt import metrics as m
 from tlt.errors import InvalidRequestError
 from tlt.rollout.engine import RequestOutput
 from tlt.rollout.speculative import SpecDecodeStats
@@ -59,6 +60,18 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
         super().__init__(registry)
         self.worker = worker
         self._stream_lock = threading.Lock()
+        self._streams: list[dict] = []  # the counts of every open stream (the lock lets one run; all are counted)
+        registry.register(m.CallbackCollector(self.metric_samples))
+
+    @property
+    def unanswered_limit(self) -> int:
+        """How many requests of a stream the service holds unanswered before it stops reading the stream."""
+        return IN_FLIGHT_PER_SLOT * self.worker.engine.max_running
+
+    def metric_samples(self) -> list[m.Sample]:
+        """The service's own series (the worker exports its own)."""
+        unanswered = sum(c["accepted"] - c["answered"] for c in list(self._streams))
+        return [(m.ROLLOUT_REQUESTS_UNANSWERED, {"worker": self.worker.name}, unanswered)]
 
     @rpc_method
     def Generate(self, request_iterator, context) -> Iterator[rollout_pb2.GenerateEvent]:  # noqa: N802
@@ -77,9 +90,12 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
         events: queue_mod.Queue = queue_mod.Queue()
         worker = self.worker
 
-        counts = {"accepted": 0, "completed": 0, "input_done": False}
+        # answered = sent to the client, not merely finished: completions waiting in `events` for a client that
+        # reads slowly count as unanswered, so the read loop's limit bounds `events` too
+        counts = {"accepted": 0, "completed": 0, "answered": 0, "input_done": False}
         lock = threading.Condition()
-        limit = IN_FLIGHT_PER_SLOT * worker.engine.max_running
+        limit = self.unanswered_limit
+        self._streams.append(counts)
 
         def finish_if_drained() -> None:
             with lock:
@@ -98,9 +114,9 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                                                   "step; give every request a unique id")
                     seen.add(request.request_id)
                     with lock:
-                        # backpressure: stop reading (HTTP/2 flow control then holds the client) while
-                        # the worker already holds `limit` unanswered requests
-                        while counts["accepted"] - counts["completed"] >= limit and not step_over.is_set():
+                        # backpressure: stop reading (HTTP/2 flow control then holds the client) while `limit`
+                        # requests are unanswered (waiting, decoding, or finished but not yet sent)
+                        while counts["accepted"] - counts["answered"] >= limit and not step_over.is_set():
                             lock.wait(0.1)
                         counts["accepted"] += 1
                     inbox.extend([request])
@@ -141,13 +157,18 @@ class RolloutServicer(ServicerBase, rollout_pb2_grpc.RolloutServicer):
                     error = error or item
                     step_over.set()
                 elif error is None:
-                    yield item
+                    yield item  # returns once gRPC has sent it and wants the next one
+                    if item.HasField("completion"):
+                        with lock:
+                            counts["answered"] += 1
+                            lock.notify_all()
         finally:
             # gRPC closes this generator mid-step when the client cancels: end the step and wait for it, so the
             # stream lock is only released once no step runs on the worker any more
             step_over.set()
             worker.wake()
             runner.join()
+            self._streams.remove(counts)
         if error is not None:
             raise error
 
@@ -216,13 +237,27 @@ def summary_from_proto(worker: str, msg: rollout_pb2.StepSummary) -> WorkerStepS
 
 
 class RemoteRolloutWorker(RemoteClient):
-    """The controller's handle on a rollout worker served at ``address`` (same methods as RolloutWorker)."""
+    """The controller's handle on a rollout worker served at ``address`` (same methods as RolloutWorker).
+
+    A Generate stream has no deadline (a step takes as long as its longest response), so a stall watchdog
+    guards it instead: when the worker holds unanswered requests (or owes the step summary) and sends nothing
+    for ``stall_timeout_s`` seconds (default ``default_stall_timeout_s``), the watchdog asks for its Progress;
+    a worker still decoding (one long response) gets another period, one that does not answer or has not
+    decoded since is cancelled and fails like a lost worker.
+    """
 
     stub_class = rollout_pb2_grpc.RolloutStub
     peer = "rollout worker"
     default_timeout = 60.0
+    default_stall_timeout_s = 300.0
 
-    def __init__(self, address: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
+    def __init__(self, address: str, timeout: float | None = None, tls: ClientTLS | None = None,
+                 stall_timeout_s: float | None = None) -> None:
+        stall_timeout_s = self.default_stall_timeout_s if stall_timeout_s is None else stall_timeout_s
+        if not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0 (seconds a rollout worker may hold requests without "
+                             f"answering before its Generate call is cancelled), got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
         super().__init__(address, timeout, tls)
         self._last = self._progress_rpc()
         self.name = self._last.name
@@ -231,6 +266,14 @@ class RemoteRolloutWorker(RemoteClient):
 
     def _progress_rpc(self) -> rollout_pb2.ProgressResponse:
         return self._call("Progress", rollout_pb2.ProgressRequest())
+
+    def _decode_iterations(self) -> int | None:
+        """The engine's decode iterations of the step in progress (None when the worker does not answer)."""
+        try:
+            stats = self._call("Progress", rollout_pb2.ProgressRequest(), timeout=min(self.stall_timeout_s, 10.0)).stats
+        except RpcError:
+            return None
+        return stats.sd_iterations + stats.plain_iterations
 
     @property
     def policy_version(self) -> int:
@@ -282,19 +325,24 @@ class RemoteRolloutWorker(RemoteClient):
     def run_rollout(self, queue: RequestQueue, on_result: Callable[[RolloutRequest, RequestOutput], None],
                     step_over: threading.Event) -> WorkerStepSummary:
         """Stream requests to the worker while it has free slots (pull-based, like the in-process worker),
-        hand back results, and half-close when ``step_over`` is set."""
+        hand back results, and half-close when ``step_over`` is set. A worker that stalls (see the class) has
+        its call cancelled; like any failed call, its unanswered requests go back to ``queue``."""
         capacity = min(self.max_running, queue.fair_share)
         in_flight: dict[str, RolloutRequest] = {}
         slots = threading.Condition()
-        failed = False
+        failed = half_closed = False
+        last_answer = time.monotonic()  # the stall clock: reset by every event and when the worker gets busy
 
         def requests() -> Iterator[rollout_pb2.GenerateRequest]:
+            nonlocal half_closed, last_answer
             while not step_over.is_set():
                 with slots:
                     if failed:
                         return
                     free = capacity - len(in_flight)
                     batch = queue.take(free) if free > 0 else []
+                    if batch and not in_flight:  # time without requests is not a stall
+                        last_answer = time.monotonic()
                     for r in batch:
                         in_flight[r.request_id] = r
                     if not batch:
@@ -302,10 +350,43 @@ class RemoteRolloutWorker(RemoteClient):
                 for r in batch:
                     yield rollout_pb2.GenerateRequest(request_id=r.request_id, prompt_ids=r.prompt_ids,
                                                       params=convert.params_to_proto(r.params), group=r.group)
+            with slots:
+                half_closed = True
+                if not in_flight:
+                    last_answer = time.monotonic()
 
+        call = self.stub.Generate(requests())
+        stalled: list[str] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal last_answer
+            decoded: int | None = None  # the worker's decode iterations when the clock last ran out
+            while not done.wait(min(1.0, self.stall_timeout_s / 4)):
+                with slots:
+                    owed = (f"{len(in_flight)} unanswered request(s)" if in_flight
+                            else "the step summary" if half_closed else "")
+                    silent = time.monotonic() - last_answer
+                if not owed or silent <= self.stall_timeout_s:
+                    continue
+                now_decoded = self._decode_iterations()
+                if now_decoded is not None and now_decoded != decoded:  # silent but decoding: one long response
+                    decoded = now_decoded
+                    with slots:
+                        last_answer = time.monotonic()
+                    continue
+                stalled.append(f"{self._what('Generate')}: no answer for {silent:.1f} s and no decoding progress "
+                               f"while the worker owed {owed} (stall_timeout_s={self.stall_timeout_s:g}); cancelled "
+                               "the call and handed its requests back. Is the worker stuck?")
+                call.cancel()
+                return
+
+        threading.Thread(target=watch, name=f"{self.name}-stall-watch", daemon=True).start()
         summary = None
         try:
-            for event in self.stub.Generate(requests()):
+            for event in call:
+                with slots:
+                    last_answer = time.monotonic()
                 if event.HasField("summary"):
                     summary = summary_from_proto(self.name, event.summary)
                     continue
@@ -320,7 +401,11 @@ class RemoteRolloutWorker(RemoteClient):
                 failed = True
                 queue.put_back(list(in_flight.values()))
                 in_flight.clear()
+            if stalled:
+                raise RpcError(stalled[0], grpc.StatusCode.DEADLINE_EXCEEDED) from None
             raise from_grpc(exc, self._what("Generate")) from None
+        finally:
+            done.set()
         if summary is None:
             raise RpcError(f"{self._what('Generate')}: the stream ended without a step summary")
         return summary

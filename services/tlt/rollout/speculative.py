@@ -45,6 +45,9 @@ class SpecDecodeStats:
     plain_seconds: float = 0.0
     sd_iterations: int = 0
     plain_iterations: int = 0
+    # decode iterations by batch-size bucket (its lower bound, as in the tuner's bucket_bounds)
+    sd_iterations_by_bucket: dict[int, int] = field(default_factory=dict)
+    plain_iterations_by_bucket: dict[int, int] = field(default_factory=dict)
 
     @property
     def acceptance_length(self) -> float:
@@ -57,13 +60,26 @@ class SpecDecodeStats:
         for pos in range(accepted):
             self.accepted_per_position[pos] += 1
 
-    def as_dict(self) -> dict[str, float | int | list[int]]:
+    def count_iteration(self, sd: bool, seconds: float, bucket: int) -> None:
+        """Count one decode iteration that took ``seconds``, with SD on or off, in batch-size ``bucket``."""
+        if sd:
+            self.sd_seconds += seconds
+            self.sd_iterations += 1
+            self.sd_iterations_by_bucket[bucket] = self.sd_iterations_by_bucket.get(bucket, 0) + 1
+        else:
+            self.plain_seconds += seconds
+            self.plain_iterations += 1
+            self.plain_iterations_by_bucket[bucket] = self.plain_iterations_by_bucket.get(bucket, 0) + 1
+
+    def as_dict(self) -> dict[str, float | int | list[int] | dict[str, int]]:
         return {
             "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens, "acceptance_length": self.acceptance_length,
             "accepted_per_position": list(self.accepted_per_position), "sd_seconds": self.sd_seconds,
             "plain_seconds": self.plain_seconds, "sd_iterations": self.sd_iterations,
             "plain_iterations": self.plain_iterations,
+            "sd_iterations_by_bucket": {str(b): n for b, n in sorted(self.sd_iterations_by_bucket.items())},
+            "plain_iterations_by_bucket": {str(b): n for b, n in sorted(self.plain_iterations_by_bucket.items())},
         }
 
 

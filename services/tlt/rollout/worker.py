@@ -9,7 +9,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 
@@ -112,7 +112,19 @@ def add_stats(total: SpecDecodeStats, part: SpecDecodeStats) -> SpecDecodeStats:
         num_accepted_tokens=total.num_accepted_tokens + part.num_accepted_tokens, accepted_per_position=per_pos,
         sd_seconds=total.sd_seconds + part.sd_seconds, plain_seconds=total.plain_seconds + part.plain_seconds,
         sd_iterations=total.sd_iterations + part.sd_iterations,
-        plain_iterations=total.plain_iterations + part.plain_iterations)
+        plain_iterations=total.plain_iterations + part.plain_iterations,
+        sd_iterations_by_bucket=_add_counts(total.sd_iterations_by_bucket, part.sd_iterations_by_bucket),
+        plain_iterations_by_bucket=_add_counts(total.plain_iterations_by_bucket, part.plain_iterations_by_bucket))
+
+
+def _add_counts(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+
+def bucket_labels(bounds: Sequence[int]) -> dict[int, str]:
+    """Label of each batch-size bucket by its lower bound: ``[1, 2, 3, 5]`` -> ``1``, ``2``, ``3-4``, ``5+``."""
+    return {low: f"{low}+" if nxt is None else str(low) if nxt == low + 1 else f"{low}-{nxt - 1}"
+            for low, nxt in zip(bounds, [*bounds[1:], None], strict=False)}
 
 
 def sum_reports(reports: list[SpotReport]) -> SpotReport:
@@ -128,14 +140,15 @@ class RolloutWorker:
     """A rollout worker: ``model`` is this worker's own policy copy; ``drafter`` (optional) its inference
     drafter, bound to ``model``'s embedding. Policy and drafter versions are read from ``store``.
 
-    ``push_delta(worker, delta, tokens)`` hands drafter-training work to the aggregator (in process or
-    over gRPC); ``drafter_base()`` gives the (version, trainable weights) a drafter-role stint starts from
-    (default: the newest drafter version in the store).
+    ``push_delta(worker, delta, tokens, base_version)`` hands drafter-training work to the aggregator (in
+    process or over gRPC), with the drafter version the stint started from; ``drafter_base()`` gives the
+    (version, trainable weights) a drafter-role stint starts from (default: the newest drafter version in
+    the store).
     """
 
     def __init__(self, name: str, model: CausalLM, spec: JobSpec, drafter: Eagle3Drafter | None,
                  store: ArtifactStore,
-                 push_delta: Callable[[str, dict[str, torch.Tensor], int], None] | None = None,
+                 push_delta: Callable[[str, dict[str, torch.Tensor], int, int], None] | None = None,
                  drafter_base: Callable[[], tuple[int, dict[str, torch.Tensor]]] | None = None) -> None:
         self.name = name
         self.model = model
@@ -149,9 +162,11 @@ class RolloutWorker:
         self.drafter_version = -1
         d = spec.drafter
         self.spot: SpotDrafterTrainer | None = None
+        self._stint_base_version = 0  # the drafter version the current drafter-role stint started from
         if self.drafter is not None and d.online_training and push_delta is not None:
             self.spot = SpotDrafterTrainer(
-                model, self.drafter, lambda delta, tokens: push_delta(name, delta, tokens), lr=d.lr,
+                model, self.drafter,
+                lambda delta, tokens: push_delta(name, delta, tokens, self._stint_base_version), lr=d.lr,
                 batch_size=d.batch_size, push_every=d.push_every, ttt_steps=d.ttt_steps,
                 buffer_responses=d.buffer_responses, seed=spec.seed + zlib.crc32(name.encode()) % 10_000)
         self._drafter_base = drafter_base or self._newest_drafter_in_store
@@ -263,7 +278,8 @@ class RolloutWorker:
             while not step_over.is_set():
                 if self._role == DRAFTER and self.spot is not None and not self.engine.has_work():
                     mark("drafter")
-                    self.spot.start_from(self._drafter_base()[1])
+                    self._stint_base_version, base = self._drafter_base()
+                    self.spot.start_from(base)
                     report = self.spot.train(lambda: self._role != DRAFTER or step_over.is_set())
                     reports.append(report)
                     self._drafter_total.append(report)
@@ -313,7 +329,18 @@ class RolloutWorker:
             (m.ROLLOUT_DECODE_SECONDS, {**w, "sd": "off"}, stats.plain_seconds),
             (m.ROLLOUT_DECODE_ITERATIONS, {**w, "sd": "on"}, stats.sd_iterations),
             (m.ROLLOUT_DECODE_ITERATIONS, {**w, "sd": "off"}, stats.plain_iterations),
+            *self._batch_iteration_samples(stats),
             (m.ROLLOUT_DRAFTER_TRAIN_STEPS, w, spot.steps), (m.ROLLOUT_DRAFTER_TRAIN_TOKENS, w, spot.tokens),
             (m.ROLLOUT_DRAFTER_PUSHES, w, spot.pushes), (m.ROLLOUT_DRAFTER_LOSS, w, spot.last_loss),
         ]
         return out
+
+    def _batch_iteration_samples(self, stats: SpecDecodeStats) -> list[m.Sample]:
+        """:data:`tlt.metrics.ROLLOUT_BATCH_DECODE_ITERATIONS` for every bucket of the engine, zeros included (a
+        counter first seen above zero loses that first increase in ``rate()``)."""
+        # an engine that counts no buckets (vLLM's) exports none
+        labels = bucket_labels(getattr(self.engine, "bucket_bounds", ()))
+        w = {"worker": self.name}
+        return [(m.ROLLOUT_BATCH_DECODE_ITERATIONS, {**w, "sd": sd, "batch_size": label}, counts.get(bucket, 0))
+                for sd, counts in (("on", stats.sd_iterations_by_bucket), ("off", stats.plain_iterations_by_bucket))
+                for bucket, label in labels.items()]

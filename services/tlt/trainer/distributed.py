@@ -138,15 +138,19 @@ def _worker_loop(config: dict[str, Any]) -> None:
 RAY_INIT_ATTEMPTS = 3
 
 
+# How Ray says a head process (raylet, GCS server) missed its fixed startup window.
+RAY_STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
 def _init_ray(ray, options: dict[str, Any]) -> None:
-    """``ray.init``, retried when the local raylet misses Ray's fixed 30 s startup window (seen on loaded
-    2-core machines; Ray raises a bare Exception for it)."""
+    """``ray.init``, retried when the local raylet or GCS server misses Ray's fixed startup window (seen on
+    loaded 2-core machines; Ray raises a bare Exception or RuntimeError for it)."""
     for attempt in range(1, RAY_INIT_ATTEMPTS + 1):
         try:
             ray.init(**options)
             return
         except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == RAY_INIT_ATTEMPTS:
+            if not any(s in str(exc) for s in RAY_STARTUP_TIMEOUTS) or attempt == RAY_INIT_ATTEMPTS:
                 raise
             ray.shutdown()
 

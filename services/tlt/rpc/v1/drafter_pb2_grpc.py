@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class DrafterStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve drafter`; rollout workers push to it, the controller publishes.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +59,8 @@ class DrafterStub:
 
 
 class DrafterServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve drafter`; rollout workers push to it, the controller publishes.
+    """
 
     def PushDelta(self, request_iterator, context):
         """A worker's delta, streamed in chunks: first a header, then the safetensors bytes of the delta
@@ -83,7 +85,8 @@ class DrafterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Counters of the service: current version, pending and received deltas.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -120,7 +123,8 @@ def add_DrafterServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Drafter:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve drafter`; rollout workers push to it, the controller publishes.
+    """
 
     @staticmethod
     def PushDelta(request_iterator,

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class RolloutStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve rollout`; the controller is its client.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -68,7 +69,8 @@ class RolloutStub:
 
 
 class RolloutServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve rollout`; the controller is its client.
+    """
 
     def Generate(self, request_iterator, context):
         """One rollout step. The client streams requests, no more than the worker's free slots (pull-based:
@@ -157,7 +159,8 @@ def add_RolloutServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Rollout:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve rollout`; the controller is its client.
+    """
 
     @staticmethod
     def Generate(request_iterator,

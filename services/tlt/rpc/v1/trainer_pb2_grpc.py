@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class TrainerStub:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve trainer`; the controller is its client.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -63,7 +64,8 @@ class TrainerStub:
 
 
 class TrainerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve trainer`; the controller is its client.
+    """
 
     def TrainStep(self, request_iterator, context):
         """One GRPO step on a batch streamed as a header followed by samples (any batch size fits).
@@ -87,13 +89,15 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadCheckpoint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Restore the state SaveCheckpoint wrote under a directory.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Counters of the trainer: optimizer steps, last published version.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,7 +139,8 @@ def add_TrainerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Trainer:
-    """Missing associated documentation comment in .proto file."""
+    """Served by `tlt serve trainer`; the controller is its client.
+    """
 
     @staticmethod
     def TrainStep(request_iterator,
