@@ -10,6 +10,10 @@ Arms (same model, prompts, sampling settings and per-request seeds; every prompt
     tlt-plain       TLT's native engine without SD (separates engine speed from SD)
     tlt-adaptive    TLT's native engine with adaptive SD (BEG-MAB over tree strategies, off above 32 running)
 
+TLT's engine runs compiled (``torch.compile`` of its decode, verification and drafter forwards, as vLLM's
+CPU backend compiles its model with inductor); ``--tlt-eager`` runs it eagerly. Compilation happens in
+the engine's warm-up and counts in its start time, not in the wall time.
+
 The workload is ``--steps`` rollout steps, each on new prompts (as successive RL steps; TLT's bandit
 carries over from one to the next, as it does across RL steps). Each arm runs in a fresh process (the
 vLLM arms share one, each with its own engine) so that imports, caches and freed memory of one arm do
@@ -66,6 +70,8 @@ def parse_args() -> argparse.Namespace:
                     help="rollout steps, each on new prompts (default 3, --quick 2); the bandit learns across them")
     ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
     ap.add_argument("--threshold", type=int, default=32, help="SD off above this many running requests")
+    ap.add_argument("--tlt-eager", action="store_true",
+                    help="run TLT's engine eagerly (default: torch.compile, as vLLM's CPU backend compiles too)")
     ap.add_argument("--vllm-cpus", choices=("all", "auto"), default="all",
                     help="all: vLLM's engine uses every core; auto: vLLM's default (one kept for its scheduler)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -169,7 +175,6 @@ def _native_arm(arm: str, cfg: dict) -> dict[str, Any]:
     from tlt.models import load_model
     from tlt.models.drafter_io import load_drafter
     from tlt.rollout.engine import RolloutEngine
-    from tlt.rollout.sampling import SamplingParams
     from tlt.rollout.tuner import BegMabTuner, TunerConfig
 
     work = Workload(**cfg["workload"])
@@ -178,13 +183,13 @@ def _native_arm(arm: str, cfg: dict) -> dict[str, Any]:
     def start() -> RolloutEngine:
         target = load_model(work.model_dir, dtype=cfg["dtype"])
         if arm == "tlt-plain":
-            return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len())
-        return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len(),
+            return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len(), compile=cfg["compile"])
+        return RolloutEngine(target, max_running=n, max_seq_len=work.max_seq_len(), compile=cfg["compile"],
                              drafter=load_drafter(work.drafter_dir, target),
                              tuner=BegMabTuner(TunerConfig(sd_batch_threshold=cfg["threshold"])))
 
-    def warm_up(engine: RolloutEngine) -> None:  # an engine of its own, so the bandit learns nothing from it
-        RolloutEngine(engine.model, max_running=4).generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
+    def warm_up(engine: RolloutEngine) -> None:  # every step kind once (compiles the graphs); the bandit learns nothing
+        engine.warm_up(work.prompts[0])
 
     def stats(engine: RolloutEngine) -> dict[str, Any]:
         tuner = engine.tuner
@@ -354,11 +359,13 @@ def main() -> int:
                      "prompts": work.prompts, "temperature": work.temperature,
                      "max_new_tokens": work.max_new_tokens, "seed": work.seed, "steps": work.steps},
         "dtype": args.dtype, "k": args.k,
-        "threshold": args.threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None}
+        "threshold": args.threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None,
+        "compile": not args.tlt_eager}
     print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
           f"vllm_cpus={args.vllm_cpus}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
-          f"max_new_tokens={max_new} K={args.k} threshold={args.threshold}")
+          f"max_new_tokens={max_new} K={args.k} threshold={args.threshold} "
+          f"tlt_engine={'eager' if args.tlt_eager else 'compiled'}")
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rollout_peers.py"
-TINY = ["--prompts", "4", "--max-new-tokens", "24", "--steps", "2"]
+# eager here: the compiled engine is tested in tests/unit/test_speculative.py
+TINY = ["--prompts", "4", "--max-new-tokens", "24", "--steps", "2", "--tlt-eager"]
 
 
 def run_benchmark(*args: str, timeout: int = 600) -> str:

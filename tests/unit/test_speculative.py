@@ -202,3 +202,23 @@ def test_drafter_checkpoint_roundtrip(target, drafter, tmp_path):
     for (name, a), (_, b) in zip(drafter.named_parameters(), again.named_parameters()):
         torch.testing.assert_close(a.float(), b.float(), msg=name)
     assert torch.equal(again.d2t, drafter.d2t) and torch.equal(again.t2d, drafter.t2d)
+
+
+def test_compiled_engine_is_lossless_and_compiles_only_in_its_warm_up(target, drafter):
+    """torch.compile'd decode, verification and drafter forwards: the same greedy tokens as eager plain
+    decoding, with adaptive SD on in the tail; warm_up compiles every graph and leaves the bandit untouched."""
+    from torch._dynamo.utils import counters
+
+    prompts = _prompts(target.config.vocab_size, 6, seed=9)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in (4, 6, 9, 12, 30, 36)]
+    plain = RolloutEngine(target, max_running=6).generate(prompts, params)
+    tuner = BegMabTuner(TunerConfig(sd_batch_threshold=2, strategies=["3_1_4", "3_2_6"], epsilon=0.0))
+    engine = RolloutEngine(target, max_running=6, drafter=drafter, tuner=tuner, compile=True)
+    before = tuner.export_state()
+    engine.warm_up(prompts[0])
+    assert tuner.export_state() == before and engine.stats.sd_iterations == 0 and engine.progress().finished == 0
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert engine.stats.plain_iterations > 0 and engine.stats.sd_iterations > 0
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled mid-rollout

@@ -139,12 +139,14 @@ class CausalLM(nn.Module):
         last_index: torch.Tensor | None = None,
         hidden_layers: Sequence[int] = (),
         compute_logits: bool = True,
+        key_len: int | None = None,
     ) -> ForwardOutput:
         """Run ``input_ids`` [B, T] through the model.
 
         ``hidden_layers`` uses the Hugging Face ``hidden_states`` indexing: ``j < L`` is the input to
         decoder layer ``j`` (0 = embeddings), ``j == L`` is the final normed output. This is also the
-        EAGLE-3 "aux hidden state layer id" convention of vLLM.
+        EAGLE-3 "aux hidden state layer id" convention of vLLM. ``key_len`` (the longest row's cached plus new
+        tokens) may be given by a caller that knows it, sparing a device sync (and a graph break when compiled).
         """
         b, t = input_ids.shape
         device = input_ids.device
@@ -158,7 +160,8 @@ class CausalLM(nn.Module):
         slots = slice(slot_offset, slot_offset + b)
         write_index = None
         if cache is not None:
-            key_len = int(cache_lens.max()) + t
+            if key_len is None:
+                key_len = int(cache_lens.max()) + t
             if key_len > cache.max_len:
                 raise ValueError(f"sequence would reach {key_len} tokens, past the cache's {cache.max_len}")
             cols = cache_lens[:, None] + torch.arange(t, device=device)[None, :]

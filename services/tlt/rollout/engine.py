@@ -9,6 +9,7 @@ last one into it), so every forward reads the cache as a contiguous view.
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import threading
 import time
@@ -23,7 +24,7 @@ from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
 from tlt.rollout.sampling import SamplingParams, sample_tokens
 from tlt.rollout.speculative import SpecDecodeStats, SpecState, SpeculativeDecoder
-from tlt.rollout.tuner import BegMabTuner, TunerConfig
+from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -133,6 +134,22 @@ class StepLoop:
         return [by_id[i] for i in ids]
 
 
+class _FixedStrategy:
+    """A stand-in tuner that always picks ``strategy`` (None: plain decoding) and learns nothing."""
+
+    def __init__(self, strategy: SpecStrategy | None, config: TunerConfig) -> None:
+        self.strategy, self.config = strategy, config
+
+    def choose(self, batch_size: int) -> SpecStrategy | None:
+        return self.strategy
+
+    def record(self, *args: object) -> None:
+        pass
+
+    def record_plain(self, *args: object) -> None:
+        pass
+
+
 class RolloutEngine(StepLoop):
     """Generates completions for many requests with continuous batching.
 
@@ -146,6 +163,9 @@ class RolloutEngine(StepLoop):
         drafter: an EAGLE-3 drafter for speculative decoding (None: plain decoding only).
         tuner: decides per step whether to speculate and with which strategy (default: BEG-MAB
             with default settings when a drafter is given).
+        compile: ``torch.compile`` the decode, tree-verification and drafter forwards (dynamic shapes,
+            inductor; vLLM's CPU backend compiles its model the same way). Prefill stays eager. Call
+            :meth:`warm_up` before serving, so that graphs are compiled then and not mid-rollout.
     """
 
     def __init__(
@@ -159,6 +179,7 @@ class RolloutEngine(StepLoop):
         seed: int = 0,
         drafter: Eagle3Drafter | None = None,
         tuner: BegMabTuner | None = None,
+        compile: bool = False,
     ) -> None:
         if max_running < 1:
             raise InvalidRequestError(f"engine.max_running must be >= 1, got {max_running}")
@@ -180,10 +201,12 @@ class RolloutEngine(StepLoop):
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = model.new_cache(max_running, self.max_seq_len + cache_headroom)
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.spec = None
         if drafter is not None:
             self.spec = SpeculativeDecoder(model, drafter, self.cache, max_running,
-                                           self.max_seq_len + cache_headroom + draft_headroom)
+                                           self.max_seq_len + cache_headroom + draft_headroom,
+                                           compile=compile)
         self.stats = self.spec.stats if self.spec else SpecDecodeStats()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -252,6 +275,29 @@ class RolloutEngine(StepLoop):
             snapshot = (len(self._running), len(self._queue), self._finished_count, self._generated)
             rate = self._rate.tokens_per_s()
         return ProgressSnapshot(*snapshot, tokens_per_s=rate, timestamp=time.time())
+
+    def warm_up(self, prompt_ids: Sequence[int], max_new_tokens: int = 8) -> None:
+        """Run each kind of engine step on throwaway requests (plain decoding and every SD strategy, at batch
+        1 and 2: a compiled graph of batch 1 and one of any other size), so that a compiled engine compiles
+        now rather than mid-rollout. The bandit and the SD and progress counters are left as they were."""
+        if self.has_work():
+            raise RuntimeError("warm_up needs an idle engine: call it before submitting requests")
+        tuner, stats = self.tuner, copy.deepcopy(self.stats)
+        counters = (self._finished_count, self._generated)
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, seed=0)
+        try:
+            for strategy in [None, *(tuner.config.strategies if tuner else [])]:
+                if tuner is not None:
+                    self.tuner = _FixedStrategy(strategy, tuner.config)
+                for batch in (1, 2):
+                    self.generate([prompt_ids] * batch, params)
+        finally:
+            self.tuner = tuner
+            self.stats = stats
+            if self.spec:
+                self.spec.stats = stats
+            self._finished_count, self._generated = counters
+            self._rate = DecodeRate()
 
     # ---- stepping ---------------------------------------------------------------------------
 
@@ -322,8 +368,9 @@ class RolloutEngine(StepLoop):
         device = self.model.device
         ids = torch.tensor([[s.last_token] for s in seqs], device=device)
         cache_lens = torch.tensor([s.cache_len for s in seqs], device=device)
-        out = self.model(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens,
-                         hidden_layers=self.spec.aux_layers if self.spec else ())
+        out = self._decode_forward(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens,
+                                   key_len=max(s.cache_len for s in seqs) + 1,
+                                   hidden_layers=self.spec.aux_layers if self.spec else ())
         if self.spec:
             self.spec.capture([s.spec for s in seqs], out.hidden, [1] * len(seqs))
         for s in seqs:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -162,12 +163,34 @@ def accept_greedy(argmax: list[int], children: list[list[int]], tree_tokens: lis
         path.append(node)
 
 
+def _distinct_contiguous_args(fn: Callable) -> Callable:
+    """``fn`` with its positional tensors contiguous and distinct: a compiled function guards on strides and
+    aliasing, and the drafter gets expanded (stride-0) views and one tensor twice in some calls, each of which
+    would otherwise compile a graph of its own."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        seen: set[int] = set()
+        passed = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                arg = arg.contiguous()
+                if id(arg) in seen:
+                    arg = arg.clone()
+                seen.add(id(arg))
+            passed.append(arg)
+        return fn(*passed, **kwargs)
+    return call
+
+
 class SpeculativeDecoder:
     """Drafts, verifies and commits speculative tokens for the engine's running sequences."""
 
     def __init__(self, target: CausalLM, drafter: Eagle3Drafter, target_cache: StaticKVCache,
-                 num_slots: int, max_len: int) -> None:
+                 num_slots: int, max_len: int, compile: bool = False) -> None:
+        """``compile``: ``torch.compile`` the verification and drafter forwards (dynamic shapes)."""
         self.target = target
+        self._verify_forward = torch.compile(target.forward, dynamic=True) if compile else target.forward
+        self._drafter_forward = (_distinct_contiguous_args(torch.compile(drafter.forward_cached, dynamic=True))
+                                 if compile else drafter.forward_cached)
         self.drafter = drafter
         self.target_cache = target_cache
         self.drafter_cache = drafter.new_cache(num_slots, max_len)
@@ -196,9 +219,10 @@ class SpeculativeDecoder:
         catch_up_s = time.perf_counter() - start
         tree = self._draft(seqs, h_root, logits_root, strategy)
         cache_lens = torch.tensor([s.cache_len for s in seqs], device=self.target.device)
-        out = self.target(
+        out = self._verify_forward(
             tree.tokens, cache_lens[:, None] + tree.depth, cache=self.target_cache, cache_lens=cache_lens,
             block_mask=tree.mask, hidden_layers=self.aux_layers,
+            key_len=max(s.cache_len for s in seqs) + tree.tokens.shape[1],
         )
         feats = torch.cat([out.hidden[j] for j in self.aux_layers], dim=-1)
         results = self._accept(seqs, tree, out.logits)
@@ -226,7 +250,7 @@ class SpeculativeDecoder:
         cols = starts[:, None] + torch.arange(width, device=device)[None, :]
         key_len = int(starts.max()) + width
         mask = _attention_mask(starts, width, key_len, None)
-        out = self.drafter.forward_cached(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+        out = self._drafter_forward(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
                                           key_len, mask)
         last = torch.tensor(counts, device=device) - 1
         rows = torch.arange(b, device=device)
@@ -263,7 +287,7 @@ class SpeculativeDecoder:
             gathered = visible.gather(2, rel.clamp(0, max(scratch - 1, 0))[:, None, :].expand(-1, k, -1))
             mask = ((rel < 0)[:, None, :] | (gathered & in_scratch[:, None, :])).unsqueeze(1)
             positions = (base + step - 1)[:, None].expand(b, k)
-            out = self.drafter.forward_cached(front_tokens, front_hidden, positions, self.drafter_cache, 0,
+            out = self._drafter_forward(front_tokens, front_hidden, positions, self.drafter_cache, 0,
                                               base[:, None] + own_cols[None, :], key_len, mask)
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, Vd]
             child_lp, child_ids = logp.topk(k, dim=-1)
