@@ -26,12 +26,9 @@ running and queued series the operator acts on and checks the move by) is the wo
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -51,6 +48,7 @@ from tests.k8s.operator_fixtures import (  # noqa: E402
     eventually,
     rljob_manifest,
 )
+from tests.reliability.service_process import spawn_service  # noqa: E402
 from tlt.rpc import convert  # noqa: E402
 from tlt.rpc.client import open_channel, set_worker_role, wait_ready  # noqa: E402
 from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc  # noqa: E402
@@ -96,29 +94,15 @@ def rollout_service(tmp_path_factory, demo_model_dir) -> Iterator[RolloutService
     store = ArtifactStore(tmp / "store")
     store.publish("policy", 0, {"model.safetensors": demo_model_dir / "model.safetensors",
                                 "config.json": demo_model_dir / "config.json"})
-    port_file = tmp / "rollout.port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tlt.cli", "serve", "rollout", "--set", "rollout.speculative.mode=off",
-         "--set", f"output_dir={tmp}", "--port", "0", "--metrics-port", "0", "--threads", "1",
-         "--name", WORKER, "--port-file", str(port_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = spawn_service("rollout", None, tmp, WORKER, "--set", "rollout.speculative.mode=off",
+                            "--set", f"output_dir={tmp}").wait_serving(120)
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "the rollout service did not start"
-            time.sleep(0.1)
-        ports = json.loads(port_file.read_text())
-        address = f"127.0.0.1:{ports['port']}"
-        with open_channel(address) as channel:
-            wait_ready(channel, address)
-            yield RolloutService(proc, ports["port"], ports["metrics_port"], rollout_pb2_grpc.RolloutStub(channel))
+        with open_channel(service.address) as channel:
+            wait_ready(channel, service.address)
+            yield RolloutService(service.proc, service.port, service.metrics_port,
+                                 rollout_pb2_grpc.RolloutStub(channel))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        service.stop()
 
 
 def _role_series(samples: list[progress.Sample]) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ import pytest
 from tests.integration.conftest import TINY_JOB
 from tests.integration.test_store_s3 import BUCKET, s3  # noqa: F401 - s3: the moto server fixture
 from tests.processes import step_records
+from tests.reliability.service_process import spawn_service
 from tlt.rpc.client import open_channel, wait_ready
 from tlt.rpc.v1 import rollout_pb2, rollout_pb2_grpc
 from tlt.store import ArtifactStore
@@ -95,29 +95,14 @@ def rollout_on_s3(s3, tmp_path, demo_model_dir) -> Iterator[tuple[rollout_pb2_gr
     for version in (0, 1):
         store.publish("policy", version, {"model.safetensors": demo_model_dir / "model.safetensors",
                                           "config.json": demo_model_dir / "config.json"})
-    port_file, log = tmp_path / "rollout.port", tmp_path / "rollout.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tlt.cli", "serve", "rollout", "--set", "rollout.speculative.mode=off",
-             "--set", f"store.uri={uri}", "--set", f"output_dir={tmp_path}", "--port", "0", "--metrics-port", "0",
-             "--threads", "1", "--port-file", str(port_file)],
-            stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    service = spawn_service("rollout", None, tmp_path, "rollout", "--set", "rollout.speculative.mode=off",
+                            "--set", f"store.uri={uri}", "--set", f"output_dir={tmp_path}").wait_serving(120)
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        address = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-        with open_channel(address) as channel:
-            wait_ready(channel, address)
+        with open_channel(service.address) as channel:
+            wait_ready(channel, service.address)
             yield rollout_pb2_grpc.RolloutStub(channel), uri, prefix
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        service.stop()
 
 
 def _load_policy_error(stub: rollout_pb2_grpc.RolloutStub, version: int) -> grpc.RpcError:

@@ -61,19 +61,21 @@ class ServiceProcess:
                 self.proc.wait()
 
 
-def spawn_service(kind: str, config: Path, directory: Path, name: str = "", *extra: str,
+def spawn_service(kind: str, config: Path | None, directory: Path, name: str = "", *extra: str,
                   threads: int = 1) -> ServiceProcess:
-    """Start `tlt serve KIND --config CONFIG` on free ports, logging to ``directory/NAME.log``; returns at once
-    (call :meth:`ServiceProcess.wait_serving`). ``extra``: more flags, e.g. ``--drafter HOST:PORT``; without
-    ``--host`` it binds the default address."""
+    """Start `tlt serve KIND --config CONFIG` (no config: the defaults) on free ports, logging to
+    ``directory/NAME.log``; returns at once (call :meth:`ServiceProcess.wait_serving`). ``extra``: more flags,
+    e.g. ``--drafter HOST:PORT`` or ``--set rollout.max_running=8``; without ``--host`` it binds the default
+    address."""
     name = name or kind
     directory.mkdir(parents=True, exist_ok=True)
     port_file = directory / f"{name}.port"
     port_file.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k != PARENT_PID_ENV}  # tied to nobody's life
     with open(directory / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tlt.cli", "serve", kind, "--config", str(config),
-                                 "--name", name, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+        config_flags = ["--config", str(config)] if config is not None else []
+        proc = subprocess.Popen([sys.executable, "-m", "tlt.cli", "serve", kind, *config_flags, "--name", name,
+                                 "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
                                  "--threads", str(threads), *extra],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     return ServiceProcess(name, proc, directory)

@@ -16,10 +16,8 @@ recorded as test-suite properties (``--junitxml`` carries them).
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +29,7 @@ import grpc
 import pytest
 
 from tests.processes import alive
+from tests.reliability.service_process import ServiceProcess, spawn_service
 from tlt.data.demo_task import generate_problems
 from tlt.models.demo_training import encode
 from tlt.rollout.service import IN_FLIGHT_PER_SLOT
@@ -148,33 +147,23 @@ def start_rollout(tmp_path, demo_model_dir) -> Iterator[Callable[[int], RolloutS
     store = ArtifactStore(tmp_path / "store")
     store.publish("policy", 0, {"model.safetensors": demo_model_dir / "model.safetensors",
                                 "config.json": demo_model_dir / "config.json"})
-    started: list[tuple[subprocess.Popen, grpc.Channel]] = []
+    started: list[tuple[ServiceProcess, grpc.Channel]] = []
 
     def start(max_running: int) -> RolloutService:
-        port_file = tmp_path / f"rollout-{len(started)}.port"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tlt.cli", "serve", "rollout", "--set", "rollout.speculative.mode=off",
-             "--set", f"rollout.max_running={max_running}", "--set", f"output_dir={tmp_path}", "--port", "0",
-             "--metrics-port", "0", "--threads", "1", "--port-file", str(port_file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not port_file.is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "rollout service did not start"
-            time.sleep(0.1)
-        ports = json.loads(port_file.read_text())
-        address = f"127.0.0.1:{ports['port']}"
-        channel = open_channel(address)
-        started.append((proc, channel))
-        wait_ready(channel, address)
+        service = spawn_service("rollout", None, tmp_path, f"rollout-{len(started)}", "--set",
+                                "rollout.speculative.mode=off", "--set", f"rollout.max_running={max_running}",
+                                "--set", f"output_dir={tmp_path}").wait_serving(120)
+        channel = open_channel(service.address)
+        started.append((service, channel))
+        wait_ready(channel, service.address)
         stub = rollout_pb2_grpc.RolloutStub(channel)
         stub.LoadPolicy(rollout_pb2.LoadVersionRequest(version=-1), timeout=60)
-        return RolloutService(proc, stub, address, ports["metrics_port"], max_running)
+        return RolloutService(service.proc, stub, service.address, service.metrics_port, max_running)
 
     yield start
-    for proc, channel in started:
+    for service, channel in started:
         channel.close()
-        proc.terminate()
-        proc.wait(30)
+        service.stop()
 
 
 def params(max_new_tokens: int) -> common_pb2.SamplingParams:
