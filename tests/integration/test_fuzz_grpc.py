@@ -765,3 +765,31 @@ def test_finite_weights_after_the_fuzzing(cluster):
     still_serving(c)
     for _ in range(3):
         good_generate(c)
+
+
+def test_a_full_disk_is_resource_exhausted_and_publishes_nothing(cluster, monkeypatch):
+    """The store's disk fills up (fsync reports ENOSPC, as delayed allocation does) under a trainer publish and
+    a checkpoint: RESOURCE_EXHAUSTED with a message saying so, no version appears, and the service serves on."""
+    import errno
+
+    import tlt.store
+
+    store = ArtifactStore(str(cluster.tmp / "store"))
+    before = store.latest("policy").version
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tlt.store.os, "fsync", no_space)
+    code, details = answer(lambda: cluster.trainer.PublishPolicy(
+        trainer_pb2.PublishPolicyRequest(version=before + 1), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "No space left" in details, details
+    monkeypatch.undo()
+    assert store.latest("policy").version == before and before + 1 not in store.versions("policy")
+
+    monkeypatch.setattr("tlt.trainer.policy.save_file", lambda *a, **k: no_space(0))
+    code, details = answer(lambda: cluster.trainer.SaveCheckpoint(
+        trainer_pb2.CheckpointRequest(directory=str(cluster.tmp / "full-disk-ckpt")), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "No space left" in details, details
+    monkeypatch.undo()
+    still_serving(cluster)
