@@ -201,12 +201,12 @@ class RolloutEngine(StepLoop):
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = model.new_cache(max_running, self.max_seq_len + cache_headroom)
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self._target_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.spec = None
         if drafter is not None:
             self.spec = SpeculativeDecoder(model, drafter, self.cache, max_running,
                                            self.max_seq_len + cache_headroom + draft_headroom,
-                                           compile=compile)
+                                           target_forward=self._target_forward, compile=compile)
         self.stats = self.spec.stats if self.spec else SpecDecodeStats()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -368,7 +368,7 @@ class RolloutEngine(StepLoop):
         device = self.model.device
         ids = torch.tensor([[s.last_token] for s in seqs], device=device)
         cache_lens = torch.tensor([s.cache_len for s in seqs], device=device)
-        out = self._decode_forward(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens,
+        out = self._target_forward(ids, cache=self.cache, slot_offset=0, cache_lens=cache_lens,
                                    key_len=max(s.cache_len for s in seqs) + 1,
                                    hidden_layers=self.spec.aux_layers if self.spec else ())
         if self.spec:

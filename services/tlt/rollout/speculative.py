@@ -29,7 +29,7 @@ import torch
 
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.kv_cache import StaticKVCache
-from tlt.models.transformer import CausalLM, _attention_mask
+from tlt.models.transformer import CausalLM, ForwardOutput, _attention_mask
 from tlt.rollout.sampling import SamplingParams, processed_probs, sample_from_probs
 from tlt.rollout.tuner import SpecStrategy
 
@@ -185,10 +185,12 @@ class SpeculativeDecoder:
     """Drafts, verifies and commits speculative tokens for the engine's running sequences."""
 
     def __init__(self, target: CausalLM, drafter: Eagle3Drafter, target_cache: StaticKVCache,
-                 num_slots: int, max_len: int, compile: bool = False) -> None:
-        """``compile``: ``torch.compile`` the verification and drafter forwards (dynamic shapes)."""
+                 num_slots: int, max_len: int, target_forward: Callable[..., ForwardOutput] | None = None,
+                 compile: bool = False) -> None:
+        """``target_forward``: the target's forward to verify with (the engine's, compiled or not; default
+        ``target.forward``); ``compile``: ``torch.compile`` the drafter's forward (dynamic shapes)."""
         self.target = target
-        self._verify_forward = torch.compile(target.forward, dynamic=True) if compile else target.forward
+        self._verify_forward = target_forward or target.forward
         self._drafter_forward = (_distinct_contiguous_args(torch.compile(drafter.forward_cached, dynamic=True))
                                  if compile else drafter.forward_cached)
         self.drafter = drafter

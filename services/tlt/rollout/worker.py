@@ -156,7 +156,10 @@ class RolloutWorker:
         self.store = store
         tuner = make_tuner(spec) if drafter is not None else None
         self.engine = RolloutEngine(model, max_running=spec.rollout.max_running, seed=spec.seed,
-                                    drafter=drafter if tuner is not None else None, tuner=tuner)
+                                    drafter=drafter if tuner is not None else None, tuner=tuner,
+                                    compile=spec.rollout.compile)
+        if spec.rollout.compile:  # compile now, not in the first rollout step (graphs do not depend on weights)
+            self.engine.warm_up(list(range(1, min(9, model.config.vocab_size))))
         self.drafter = self.engine.spec.drafter if self.engine.spec else None
         self.policy_version = -1
         self.drafter_version = -1

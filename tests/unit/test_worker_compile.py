@@ -1,0 +1,34 @@
+"""`rollout.compile` reaches the worker's engine, which compiles (in its warm-up) before the first step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tlt.config import job_spec_from_dict
+from tlt.drafter.warmup import new_drafter
+from tlt.models import load_model
+from tlt.rollout.engine import RolloutEngine
+from tlt.rollout.worker import RolloutWorker
+from tlt.store import ArtifactStore
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_rollout_compile_compiles_the_engine_when_the_worker_starts(compile_, peaky_model_dir, tmp_path,
+                                                                   monkeypatch):
+    compiled, warmed = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn.__name__) or fn)
+    warm_up = RolloutEngine.warm_up
+    monkeypatch.setattr(RolloutEngine, "warm_up", lambda self, *a, **k: warmed.append(a) or warm_up(self, *a, **k))
+    spec = job_spec_from_dict({"rollout": {"compile": compile_, "max_running": 4},
+                               "drafter": {"init": "random", "online_training": False}})
+    model = load_model(peaky_model_dir, dtype="float32")
+    worker = RolloutWorker("w", model, spec, new_drafter(model, seed=0), ArtifactStore(tmp_path / "store"))
+    assert worker.engine.spec is not None  # adaptive SD: the drafter's forward is compiled too
+    if compile_:
+        assert sorted(compiled) == ["forward", "forward_cached"] and len(warmed) == 1
+        prompt = warmed[0][0]
+        assert prompt and all(0 <= t < model.config.vocab_size for t in prompt)
+    else:
+        assert compiled == [] and warmed == []
+    assert worker.engine.progress().finished == 0  # the warm-up's requests are not counted
