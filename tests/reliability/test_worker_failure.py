@@ -13,6 +13,7 @@ from tests.integration.conftest import TINY_JOB
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
 from tlt.rollout.worker import RequestQueue
+from tlt.rpc.errors import RpcError
 from tlt.serving.launcher import LocalServices
 
 
@@ -64,3 +65,28 @@ def test_killed_worker_mid_step_loses_and_duplicates_nothing(tmp_path, monkeypat
     # revived before step 3: both workers took part again
     assert by_step[3]["failed_workers"] == [] and {r["worker"] for r in by_step[3]["roles"]} == {"rollout-0",
                                                                                                  "rollout-1"}
+
+
+@pytest.mark.usefixtures("demo_drafter_dir")
+def test_every_worker_lost_between_steps_fails_with_each_workers_error(tmp_path):
+    """Both workers dead when the next step loads its versions, and nobody to restart them: the run stops with
+    one error that names each worker and what its call answered."""
+    spec = job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "steps": 3, "data.heldout": 0,
+                                                   "output_dir": str(tmp_path)}))
+    services = LocalServices(spec)
+    with services as addresses:
+        pids = [services.procs[name].pid for name in ("rollout-0", "rollout-1")]
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "step_end" and event["step"] == 1:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+
+        controller = Controller(spec, on_event=on_event, services=addresses)
+        with pytest.raises(RpcError) as caught:
+            controller.run()
+    message = str(caught.value)
+    assert message.startswith("no rollout worker is reachable"), message
+    for i, name in enumerate(("rollout-0", "rollout-1")):
+        assert f"{name}: " in message and f"rollout worker at {addresses.rollout[i]}" in message, message

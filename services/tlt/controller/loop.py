@@ -310,6 +310,7 @@ class Controller:
         policy = self.store.latest(POLICY_KIND)
         drafter = self.store.latest(DRAFTER_KIND) if self.drafter is not None else None
         self.active = []
+        failures = []
         for worker in self.workers:
             try:
                 worker.load_policy(policy.version)
@@ -319,10 +320,12 @@ class Controller:
                 if len(self.workers) == 1:
                     raise
                 self.on_event({"event": "worker_down", "worker": worker.name, "error": str(exc)})
+                failures.append(f"{worker.name}: {exc}")
                 continue
             self.active.append(worker)
         if not self.active:
-            raise RpcError("no rollout worker is reachable; see the service logs")
+            raise RpcError("no rollout worker is reachable; see the service logs. "
+                           + "; ".join(failures))
         self.status.update(policy_version=policy.version, drafter_version=drafter.version if drafter else None)
         return policy.version, (drafter.version if drafter else None)
 
