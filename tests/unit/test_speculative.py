@@ -222,3 +222,27 @@ def test_compiled_engine_is_lossless_and_compiles_only_in_its_warm_up(target, dr
     assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
     assert engine.stats.plain_iterations > 0 and engine.stats.sd_iterations > 0
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled mid-rollout
+
+
+def test_compiled_drafter_warm_up_covers_one_token_catch_ups(target, drafter):
+    """A good drafter may have nothing rejected during warm_up's short generations, so generation alone never
+    runs a one-token catch-up; warm_up still compiles the drafter for it (one row and several, any start)."""
+    from torch._dynamo.utils import counters
+
+    from tlt.models.transformer import _attention_mask
+
+    engine = RolloutEngine(target, max_running=4, drafter=drafter,
+                           tuner=BegMabTuner(TunerConfig(strategies=["3_1_4"])), compile=True)
+    engine.warm_up(_prompts(target.config.vocab_size, 1, seed=3)[0])
+    graphs = counters["stats"]["unique_graphs"]
+    spec = engine.spec
+    width = len(spec.aux_layers) * drafter.config.target_hidden_size
+    with torch.inference_mode():
+        for rows, tokens, start in ((1, 1, 5), (3, 1, 7), (1, 3, 0), (2, 1, 0)):
+            starts = torch.full((rows,), start)
+            cols = starts[:, None] + torch.arange(tokens)[None, :]
+            feats = torch.randn(rows, tokens, width).to(drafter.fc.dtype)
+            spec._drafter_forward(torch.ones(rows, tokens, dtype=torch.long), drafter.fuse(feats), cols,
+                                  spec.drafter_cache, 0, cols, start + tokens,
+                                  _attention_mask(starts, tokens, start + tokens, None))
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -291,6 +291,8 @@ class RolloutEngine(StepLoop):
                     self.tuner = _FixedStrategy(strategy, tuner.config)
                 for batch in (1, 2):
                     self.generate([prompt_ids] * batch, params)
+            if self.spec is not None:
+                self.spec.warm_up_drafter()
         finally:
             self.tuner = tuner
             self.stats = stats

@@ -199,6 +199,25 @@ class SpeculativeDecoder:
         self.aux_layers = drafter.config.aux_layer_ids
         self.stats = SpecDecodeStats()
 
+    @torch.inference_mode()
+    def warm_up_drafter(self) -> None:
+        """Call the drafter's forward once per shape class a rollout can give it: 1 or more rows, 1 or more
+        tokens (a catch-up after nothing was accepted is one token wide), starting at cache position 0 or
+        later. Generation alone need not reach every class (a good drafter has nothing rejected in a short
+        warm-up), and a compiled drafter would then compile the missing graph mid-rollout. Writes only
+        scratch K/V into idle drafter cache slots."""
+        device = self.target.device
+        width = len(self.aux_layers) * self.drafter.config.target_hidden_size
+        for rows in range(1, min(2, self.drafter_cache.keys[0].shape[0]) + 1):
+            for tokens in (1, 2):
+                for start in (0, 1):
+                    starts = torch.full((rows,), start, device=device)
+                    cols = starts[:, None] + torch.arange(tokens, device=device)[None, :]
+                    feats = torch.zeros(rows, tokens, width, dtype=self.drafter.fc.dtype, device=device)
+                    ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
+                    self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                          start + tokens, _attention_mask(starts, tokens, start + tokens, None))
+
     # ---- feature capture --------------------------------------------------------------------
 
     def capture(self, states: list[SpecState], hidden: dict[int, torch.Tensor], lengths: list[int]) -> None:
