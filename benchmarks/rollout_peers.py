@@ -10,9 +10,10 @@ Arms (same model, prompts, sampling settings and per-request seeds; every prompt
     tlt-plain       TLT's native engine without SD (separates engine speed from SD)
     tlt-adaptive    TLT's native engine with adaptive SD (BEG-MAB over tree strategies, off above 32 running)
 
-TLT's engine runs compiled (``torch.compile`` of its decode, verification and drafter forwards, as vLLM's
-CPU backend compiles its model with inductor); ``--tlt-eager`` runs it eagerly. Compilation happens in
-the engine's warm-up and counts in its start time, not in the wall time.
+Both engines run compiled by default: vLLM with its own CPU default (dynamo traced once, inductor), TLT's
+engine with ``torch.compile`` of its decode, verification and drafter forwards. ``--eager`` runs both
+eagerly (vLLM ``enforce_eager``, which is also the TLT vLLM backend's default on CPU). Compilation happens
+at engine start and in the warm-up and counts in the start time, not in the wall time.
 
 The workload is ``--steps`` rollout steps, each on new prompts (as successive RL steps; TLT's bandit
 carries over from one to the next, as it does across RL steps). Each arm runs in a fresh process (the
@@ -70,8 +71,8 @@ def parse_args() -> argparse.Namespace:
                     help="rollout steps, each on new prompts (default 3, --quick 2); the bandit learns across them")
     ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
     ap.add_argument("--threshold", type=int, default=32, help="SD off above this many running requests")
-    ap.add_argument("--tlt-eager", action="store_true",
-                    help="run TLT's engine eagerly (default: torch.compile, as vLLM's CPU backend compiles too)")
+    ap.add_argument("--eager", action="store_true",
+                    help="run every engine eagerly (default: TLT's torch.compile and vLLM's inductor compile)")
     ap.add_argument("--vllm-cpus", choices=("all", "auto"), default="all",
                     help="all: vLLM's engine uses every core; auto: vLLM's default (one kept for its scheduler)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -224,7 +225,7 @@ def _vllm_arm(arm: str, cfg: dict) -> dict[str, Any]:
 
     def start() -> VllmRolloutEngine:
         return VllmRolloutEngine(work.model_dir, max_running=n, max_seq_len=work.max_seq_len(), dtype=cfg["dtype"],
-                                 seed=work.seed, kv_cache_bytes=kv_bytes, **sd)
+                                 seed=work.seed, kv_cache_bytes=kv_bytes, enforce_eager=not cfg["compile"], **sd)
 
     def warm_up(engine: VllmRolloutEngine) -> None:
         engine.generate(work.prompts[:4], SamplingParams(max_new_tokens=8))
@@ -360,12 +361,12 @@ def main() -> int:
                      "max_new_tokens": work.max_new_tokens, "seed": work.seed, "steps": work.steps},
         "dtype": args.dtype, "k": args.k,
         "threshold": args.threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None,
-        "compile": not args.tlt_eager}
+        "compile": not args.eager}
     print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
           f"vllm_cpus={args.vllm_cpus}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
           f"max_new_tokens={max_new} K={args.k} threshold={args.threshold} "
-          f"tlt_engine={'eager' if args.tlt_eager else 'compiled'}")
+          f"engines={'eager' if args.eager else 'compiled'}")
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:

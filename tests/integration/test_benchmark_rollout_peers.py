@@ -10,7 +10,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "rollout_peers.py"
 # eager here: the compiled engine is tested in tests/unit/test_speculative.py
-TINY = ["--prompts", "4", "--max-new-tokens", "24", "--steps", "2", "--tlt-eager"]
+TINY = ["--prompts", "4", "--max-new-tokens", "24", "--steps", "2", "--eager"]
 
 
 def run_benchmark(*args: str, timeout: int = 600) -> str:

@@ -33,7 +33,6 @@ def test_yaml_and_overrides(tmp_path):
     ({"drafter": {"online_training": "yes"}}, "drafter.online_training must be true or false"),
     ({"trainer": {"grpo": {"clip_ratio_low": 1.5}}}, "clip_ratio_low"),
     ({"rollout": []}, "rollout must be a mapping"),
-    ({"rollout": {"compile": True, "backend": "vllm"}}, "compile applies to the native backend"),
 ])
 def test_errors_name_the_field(data, needle):
     with pytest.raises(ConfigError) as info:

@@ -32,3 +32,22 @@ def test_rollout_compile_compiles_the_engine_when_the_worker_starts(compile_, pe
     else:
         assert compiled == [] and warmed == []
     assert worker.engine.progress().finished == 0  # the warm-up's requests are not counted
+
+
+@pytest.mark.parametrize(("compile_", "expected"), [(True, {"enforce_eager": False}), (False, {})])
+def test_rollout_compile_runs_the_vllm_backend_compiled(compile_, expected, tmp_path, monkeypatch):
+    """With the vLLM backend, `rollout.compile` turns vLLM's compilation on (it is off by default on CPU);
+    false leaves the backend's default alone (compiled with CUDA graphs on GPU)."""
+    from tlt.rollout.backends import vllm as backend
+
+    made: list[dict] = []
+
+    class RecordingEngine:
+        def __init__(self, model_dir, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(backend, "VllmRolloutEngine", RecordingEngine)
+    spec = job_spec_from_dict({"rollout": {"backend": "vllm", "compile": compile_, "max_running": 4}})
+    backend.VllmRolloutWorker("w", tmp_path / "model", spec, ArtifactStore(tmp_path / "store"))
+    assert len(made) == 1
+    assert {k: v for k, v in made[0].items() if k == "enforce_eager"} == expected

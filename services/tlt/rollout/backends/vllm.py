@@ -576,7 +576,7 @@ class VllmRolloutWorker(RolloutWorker):
             engine = VllmRolloutEngine(
                 model_dir, drafter_dir=drafter_dir if use_sd else None, num_speculative_tokens=k if use_sd else None,
                 schedule=schedule if use_sd else None, max_running=spec.rollout.max_running, dtype=spec.model.dtype,
-                seed=spec.seed, **engine_kwargs)
+                seed=spec.seed, **({"enforce_eager": False} if spec.rollout.compile else {}), **engine_kwargs)
         self.engine = engine
         self.name, self.model, self.spec, self.store = name, None, spec, store
         self.drafter = None  # no native drafter module: weights live in vLLM
