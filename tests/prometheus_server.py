@@ -79,8 +79,12 @@ class PrometheusServer:
         binary: str | None = None,
         startup_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """``labels``: static labels per job name, added to its series as Kubernetes relabelling would add
+        ``namespace`` and ``pod``."""
         self.jobs = {job: [addrs] if isinstance(addrs, str) else list(addrs) for job, addrs in targets.items()}
+        self.labels = {job: dict(v) for job, v in (labels or {}).items()}
         self.scrape_interval = scrape_interval
         self.binary = binary
         self.startup_timeout = startup_timeout
@@ -111,7 +115,8 @@ class PrometheusServer:
                 "evaluation_interval": self.scrape_interval,
             },
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": addrs}]} for job, addrs in self.jobs.items()
+                {"job_name": job, "static_configs": [{"targets": addrs, "labels": self.labels.get(job, {})}]}
+                for job, addrs in self.jobs.items()
             ],
         }
 
