@@ -6,6 +6,10 @@ heavy-tailed) sampled at temperature 1 with the trained demo model and its warme
 acceptance consumes the request's random stream exactly like plain sampling, the arms generate the
 same tokens (reported), so wall times compare equal work.
 
+Arm (d), "adaptive SD, warm bandit", is (c) as it runs from the second RL step on: its bandit first learns
+on a different set of prompts of the same size (untimed, as the previous step), then its exported state
+starts the timed run on the same prompts as the other arms.
+
     python benchmarks/speculative.py            # 64 prompts, up to 768 new tokens
     python benchmarks/speculative.py --quick    # 24 prompts, up to 384 new tokens
 """
@@ -61,6 +65,10 @@ def main() -> None:
         "adaptive SD": lambda: RolloutEngine(
             target, max_running=n_prompts, drafter=drafter,
             tuner=BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))),
+        "adaptive SD, warm bandit": lambda: RolloutEngine(
+            target, max_running=n_prompts, drafter=drafter,
+            tuner=BegMabTuner.from_state(TunerConfig(sd_batch_threshold=args.threshold),
+                                         previous_step_bandit(target, drafter, n_prompts, max_new, args))),
     }
     RolloutEngine(target, max_running=4).generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up
     print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} threads={torch.get_num_threads()}")
@@ -80,17 +88,32 @@ def main() -> None:
     print(f"response lengths: median {statistics.median(lengths):.0f}, p90 {lengths[int(0.9 * len(lengths))]}, "
           f"max {lengths[-1]}, total {sum(lengths)}")
     base = results["no SD"][0]
-    print(f"{'arm':<22} | {'wall s':>7} | {'speedup':>7} | {'tok/s':>7} | {'accept len':>10} | {'SD time':>7} | "
+    print(f"{'arm':<24} | {'wall s':>7} | {'speedup':>7} | {'tok/s':>7} | {'accept len':>10} | {'SD time':>7} | "
           "same tokens as no SD")
     for name, (wall, stats, tokens, same) in results.items():
         total = sum(len(t) for t in tokens)
         sd_share = stats.sd_seconds / max(stats.sd_seconds + stats.plain_seconds, 1e-9)
-        print(f"{name:<22} | {wall:>7.2f} | {base / wall:>7.2f} | {total / wall:>7.1f} | "
+        print(f"{name:<24} | {wall:>7.2f} | {base / wall:>7.2f} | {total / wall:>7.1f} | "
               f"{stats.acceptance_length:>10.2f} | {sd_share:>6.0%} | {same:.0%}")
-    always, adaptive = list(results.values())[1:]
+    always, adaptive, warm = list(results.values())[1:]
     print(f"RESULT speedup_always={base / always[0]:.2f} speedup_adaptive={base / adaptive[0]:.2f} "
-          f"accept_len_always={always[1].acceptance_length:.2f} "
+          f"speedup_adaptive_warm={base / warm[0]:.2f} accept_len_always={always[1].acceptance_length:.2f} "
           f"accept_len_adaptive={adaptive[1].acceptance_length:.2f}")
+
+
+def previous_step_bandit(target, drafter, n_prompts: int, max_new: int, args: argparse.Namespace) -> dict:
+    """The adaptive arm's bandit state after a rollout of ``n_prompts`` other prompts (an earlier RL step)."""
+    from workload import long_tail_workload
+
+    from tlt.rollout.engine import RolloutEngine
+    from tlt.rollout.tuner import BegMabTuner, TunerConfig
+
+    earlier = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed + 1,
+                                 model_dir=args.model, drafter_dir=args.drafter)
+    tuner = BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))
+    RolloutEngine(target, max_running=n_prompts, drafter=drafter, tuner=tuner).generate(
+        earlier.prompts, earlier.sampling_params())
+    return tuner.export_state()
 
 
 if __name__ == "__main__":
