@@ -64,7 +64,8 @@ def _issue(directory: Path, prefix: str, ca_cert: x509.Certificate, ca_key: ec.E
 
 def make_pki(directory: Path) -> dict[str, Path]:
     """Files under ``directory``: ``ca`` (trusted), server ``cert``/``key`` for localhost and ``SERVER_NAME``, a
-    ``client_cert``/``client_key`` from the same CA, an ``other_ca`` and its ``intruder_cert``/``intruder_key``,
+    ``client_cert``/``client_key`` from the same CA, an ``other_ca`` and its ``intruder_cert``/``intruder_key`` and
+    ``renewed_cert``/``renewed_key`` (for localhost and ``SERVER_NAME``),
     an ``encrypted_key``, a ``not_pem`` file and a ``bad_ca`` (a PEM block that is no certificate)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, other_key = _key(), _key()
@@ -74,6 +75,9 @@ def make_pki(directory: Path) -> dict[str, Path]:
     files["cert"], files["key"] = _issue(directory, "server", ca, ca_key, dns=("localhost", SERVER_NAME))
     files["client_cert"], files["client_key"] = _issue(directory, "client", ca, ca_key)
     files["intruder_cert"], files["intruder_key"] = _issue(directory, "intruder", other, other_key)
+    # a renewed server certificate from the other CA (to see which one a server serves after a rotation)
+    files["renewed_cert"], files["renewed_key"] = _issue(directory, "renewed", other, other_key,
+                                                         dns=("localhost", SERVER_NAME))
     files["encrypted_key"] = _write_key(directory / "encrypted.key", _key(), password=b"secret")
     files["not_pem"] = directory / "not-pem.txt"
     files["not_pem"].write_text("hello\n")

@@ -319,3 +319,46 @@ def test_bad_tls_flags_exit_with_one_line_from_the_real_command(pki):
     assert out.returncode == 2
     assert "--tls-key" in out.stderr and "does not belong to the certificate" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ---- certificate rotation ----------------------------------------------------------------------------------
+
+
+def _health_code(address: str, tls: ClientTLS) -> grpc.StatusCode:
+    """The code a health Check over a fresh connection ends with."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with open_channel(address, tls) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_server_serves_a_renewed_certificate_and_keeps_the_last_good_one(pki, tmp_path, caplog):
+    """cert-manager renews the mounted certificate in place: new connections get the new one without a
+    restart; a half-written renewal (a key that does not match) is logged and the last good one stays."""
+    from tlt.rpc.server import start_server
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki["cert"].read_bytes())
+    key.write_bytes(pki["key"].read_bytes())
+    server = start_server([], host="localhost", tls=ServerTLS.from_files(cert, key))
+    address = f"localhost:{server.port}"
+    try:
+        assert _health_code(address, _tls(pki)) == grpc.StatusCode.OK
+        assert _health_code(address, _tls(pki, ca="other_ca")) == grpc.StatusCode.UNAVAILABLE
+
+        cert.write_bytes(pki["renewed_cert"].read_bytes())  # the renewal, signed by the other CA
+        key.write_bytes(pki["renewed_key"].read_bytes())
+        assert _health_code(address, _tls(pki, ca="other_ca")) == grpc.StatusCode.OK
+        assert _health_code(address, _tls(pki)) == grpc.StatusCode.UNAVAILABLE
+
+        key.write_bytes(pki["client_key"].read_bytes())  # torn: the key of another certificate
+        with caplog.at_level("WARNING", logger="tlt.rpc.tls"):
+            assert _health_code(address, _tls(pki, ca="other_ca")) == grpc.StatusCode.OK
+        assert "cannot be used, still serving the previous certificate" in caplog.text
+        assert "does not belong to the certificate" in caplog.text
+    finally:
+        server.stop(0)

@@ -11,13 +11,20 @@
 Every file is read and checked when the settings are built — before a model is loaded or a port is bound —
 and each problem (missing, unreadable, not PEM, an encrypted key, a key that does not belong to its
 certificate) is a :class:`~tlt.errors.ConfigError` naming the flag (or environment variable) and the fix.
+
+A server reloads its certificate, key and client CA when the files change (cert-manager renews the mounted
+Secret in place): each new connection checks the files' modification times, and a changed set that passes
+the same checks is served from then on; one that does not (e.g. a half-written rotation) is logged and the
+last good set stays. Connections already open keep the certificate they were made with.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import ssl
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +46,8 @@ CLIENT_ENV = {"ca": ENV_CA, "cert": ENV_CERT, "key": ENV_KEY, "server_name": ENV
 _CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----")
 _KEY_BLOCK = re.compile(rb"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----")
 _SERVER_NAME = re.compile(r"[A-Za-z0-9*]([-A-Za-z0-9.*]{0,251}[A-Za-z0-9])?")
+
+log = logging.getLogger(__name__)
 
 
 def read_pem(path: str | os.PathLike[str], source: str, what: str) -> bytes:
@@ -95,11 +104,13 @@ def _reason(exc: Exception) -> str:
 @dataclass(frozen=True)
 class ServerTLS:
     """A server's certificate chain and key (PEM); with ``client_ca`` clients must present a certificate
-    that CA signed (mutual TLS)."""
+    that CA signed (mutual TLS). ``files`` (cert, key, client CA paths), set by :meth:`from_files`, makes the
+    server reload them when they change."""
 
     cert_chain: bytes
     private_key: bytes = field(repr=False)
     client_ca: bytes | None = None
+    files: tuple[str, str, str | None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_files(cls, cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None,
@@ -120,17 +131,67 @@ class ServerTLS:
         if client_ca:
             ca = read_pem(client_ca, "--tls-client-ca", "certificate")
             _check_ca(ca, client_ca, "--tls-client-ca")
-        return cls(chain, private_key, ca)
+        return cls(chain, private_key, ca, (str(cert), str(key), str(client_ca) if client_ca else None))
 
     @property
     def mutual(self) -> bool:
         """Whether clients must present a certificate."""
         return self.client_ca is not None
 
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The certificate, key and client CA as one gRPC certificate configuration."""
+        return grpc.ssl_server_certificate_configuration([(self.private_key, self.cert_chain)],
+                                                         root_certificates=self.client_ca)
+
     def credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials (client certificates required and verified when ``client_ca`` is set)."""
-        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)], root_certificates=self.client_ca,
-                                           require_client_auth=self.mutual)
+        """gRPC server credentials (client certificates required and verified when ``client_ca`` is set); from
+        files, they follow changes to the files (see the module docstring)."""
+        if self.files is None:
+            return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)],
+                                               root_certificates=self.client_ca, require_client_auth=self.mutual)
+        return grpc.dynamic_ssl_server_credentials(self.configuration(), CertificateReloader(self),
+                                                   require_client_authentication=self.mutual)
+
+
+class CertificateReloader:
+    """gRPC's certificate-configuration fetcher for a :class:`ServerTLS` read from files: called on each new
+    connection, it answers a new configuration when the files changed and passed the checks, else None (keep
+    serving the current one)."""
+
+    def __init__(self, tls: ServerTLS) -> None:
+        if tls.files is None:
+            raise ValueError("CertificateReloader needs a ServerTLS read from files")
+        self.files = tls.files
+        self.current = tls
+        self._seen = self._signature()
+        self._lock = threading.Lock()
+
+    def _signature(self) -> tuple[tuple[int, int] | None, ...]:
+        out = []
+        for path in self.files:
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(out)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            signature = self._signature()
+            if signature == self._seen:
+                return None
+            self._seen = signature
+            try:
+                fresh = ServerTLS.from_files(*self.files)
+            except ConfigError as exc:
+                log.warning("TLS files changed but cannot be used, still serving the previous certificate: %s", exc)
+                return None
+            if fresh is None:  # cannot happen: the cert and key paths are those the server started with
+                return None
+            self.current = fresh
+            log.info("TLS certificate reloaded from %s", self.files[0])
+            return fresh.configuration()
 
 
 @dataclass(frozen=True)
