@@ -57,6 +57,38 @@ def test_bad_pushes_are_refused_and_leave_master_untouched(target, bad):
     assert all(torch.equal(before[n], v) for n, v in trainable_state(master).items())
 
 
+def test_a_push_that_would_overflow_the_published_drafter_is_refused_and_earlier_ones_stay(target):
+    """Finite deltas can still add up past what a bf16 checkpoint holds (bf16 tops out near 3.39e38, below
+    float32's 3.40e38): such a push is refused, the worker's earlier pushes stay pending, and the version
+    published from them has only finite weights."""
+    from tlt.drafter.aggregator import PUBLISH_DTYPE
+
+    master = new_drafter(target, seed=0)
+    agg = DrafterAggregator(master)
+    agg.push_delta("a", _delta(master, 0.25), tokens=5)
+    assert torch.finfo(PUBLISH_DTYPE).max < 3.40e38 < torch.finfo(torch.float32).max
+    with pytest.raises(InvalidRequestError, match="would overflow"):
+        agg.push_delta("a", _delta(master, 3.40e38), tokens=5)  # finite in float32, inf once published
+    agg.push_delta("b", _delta(master, 2.0e38), tokens=5)
+    with pytest.raises(InvalidRequestError, match="would overflow"):
+        agg.push_delta("b", _delta(master, 2.0e38), tokens=5)  # the pending sum would be inf
+    assert agg.status().pending_workers == 2 and agg.status().total_pushes == 2
+    assert agg.publish() == 1
+    assert all(torch.isfinite(v.to(PUBLISH_DTYPE)).all() for v in trainable_state(master).values())
+
+
+def test_a_push_from_an_unpublished_version_is_refused_whatever_it_holds(target):
+    from tlt.store import VersionNotFoundError
+
+    master = new_drafter(target, seed=0)
+    agg = DrafterAggregator(master, version=2)
+    delta = _delta(master, float("nan"))
+    with pytest.raises(VersionNotFoundError, match="base_version 3 is newer than the latest drafter version 2"):
+        agg.push_delta("a", delta, tokens=5, base_version=3)
+    with pytest.raises(InvalidRequestError, match="NaN"):
+        agg.push_delta("a", delta, tokens=5, base_version=2)
+
+
 def _examples(target, n=12, length=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(3, target.config.vocab_size, (n, length), generator=g).tolist()

@@ -22,6 +22,7 @@ from tlt.models.drafter_io import save_drafter
 from tlt.store import VersionNotFoundError
 
 DRAFTER_KIND = "drafter"
+PUBLISH_DTYPE = torch.bfloat16  # what publish_drafter writes
 
 
 def trainable_state(drafter: Eagle3Drafter) -> dict[str, torch.Tensor]:
@@ -78,12 +79,17 @@ class DrafterAggregator:
         """Queue a worker's weight change; validated so a bad push never corrupts the master.
 
         ``base_version`` is the published version the delta was computed against (None: not checked). Older
-        versions are fine (training is asynchronous); a newer one was never published, so the push is refused.
+        versions are fine (training is asynchronous); a newer one was never published, so the push is refused,
+        whatever the delta holds. A delta is refused if it holds NaN or inf, or if the worker's pending sum with
+        it, applied to the master, would leave a weight that is not finite in the published (bf16) checkpoint:
+        the merge is a token-weighted average of the workers' sums, so when each of them applied alone stays
+        finite, so does the merge.
         """
         if tokens <= 0:
             raise InvalidRequestError(f"push from {worker}: tokens must be > 0, got {tokens}")
         if base_version is not None and base_version < 0:
             raise InvalidRequestError(f"push from {worker}: base_version must be >= 0, got {base_version}")
+        self._check_base(worker, base_version)
         if set(delta) != self._names:
             missing, extra = sorted(self._names - set(delta)), sorted(set(delta) - self._names)
             raise InvalidRequestError(f"push from {worker}: delta tensors do not match the drafter "
@@ -96,18 +102,31 @@ class DrafterAggregator:
             if not torch.isfinite(value).all():
                 raise InvalidRequestError(f"push from {worker}: {name} holds NaN or inf; push refused")
         with self._lock:
-            if base_version is not None and base_version > self.version:
-                raise VersionNotFoundError(
-                    f"push from {worker}: base_version {base_version} is newer than the latest drafter version "
-                    f"{self.version}; compute deltas from a published version (LatestVersion)")
-            pending = self._pending.setdefault(worker, _Pending({n: torch.zeros_like(v, dtype=torch.float32)
-                                                                 for n, v in delta.items()}))
-            for name, value in delta.items():
-                pending.delta[name] += value.float()
+            self._check_base(worker, base_version)  # the version only grows: checked again for the record
+            pending = self._pending.get(worker)
+            sums = {name: (pending.delta[name] if pending else 0) + value.float() for name, value in delta.items()}
+            with torch.no_grad():
+                for name, total in sums.items():
+                    applied = (params[name].detach().float() + self.outer_lr * total).to(PUBLISH_DTYPE)
+                    if not torch.isfinite(total).all() or not torch.isfinite(applied).all():
+                        raise InvalidRequestError(
+                            f"push from {worker}: {name} would overflow: with this delta the worker's pending "
+                            f"change no longer fits the published {PUBLISH_DTYPE} drafter; push refused (its "
+                            f"earlier pushes stay pending)")
+            if pending is None:
+                pending = self._pending[worker] = _Pending(sums)
+            else:
+                pending.delta = sums
             pending.tokens += tokens
             pending.pushes += 1
             self._status.total_pushes += 1
             self._status.total_tokens += tokens
+
+    def _check_base(self, worker: str, base_version: int | None) -> None:
+        if base_version is not None and base_version > self.version:
+            raise VersionNotFoundError(
+                f"push from {worker}: base_version {base_version} is newer than the latest drafter version "
+                f"{self.version}; compute deltas from a published version (LatestVersion)")
 
     def status(self) -> AggregatorStatus:
         with self._lock:
@@ -138,8 +157,8 @@ class DrafterAggregator:
 
 
 def publish_drafter(store, drafter: Eagle3Drafter, version: int, metadata: dict | None = None) -> None:
-    """Write ``drafter`` as an EAGLE-3 checkpoint (bf16) and publish it as ``version``."""
+    """Write ``drafter`` as an EAGLE-3 checkpoint (:data:`PUBLISH_DTYPE`) and publish it as ``version``."""
     with tempfile.TemporaryDirectory(prefix="tlt-drafter-") as tmp:
-        save_drafter(drafter, tmp)
+        save_drafter(drafter, tmp, dtype=PUBLISH_DTYPE)
         files = {p.name: p for p in Path(tmp).iterdir()}
         store.publish(DRAFTER_KIND, version, files, metadata=metadata or {})
