@@ -102,7 +102,6 @@ class DrafterAggregator:
             if not torch.isfinite(value).all():
                 raise InvalidRequestError(f"push from {worker}: {name} holds NaN or inf; push refused")
         with self._lock:
-            self._check_base(worker, base_version)  # the version only grows: checked again for the record
             pending = self._pending.get(worker)
             sums = {name: (pending.delta[name] if pending else 0) + value.float() for name, value in delta.items()}
             with torch.no_grad():

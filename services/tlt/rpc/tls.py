@@ -162,7 +162,6 @@ class CertificateReloader:
         if tls.files is None:
             raise ValueError("CertificateReloader needs a ServerTLS read from files")
         self.files = tls.files
-        self.current = tls
         self._seen = self._signature()
         self._lock = threading.Lock()
 
@@ -189,7 +188,6 @@ class CertificateReloader:
                 return None
             if fresh is None:  # cannot happen: the cert and key paths are those the server started with
                 return None
-            self.current = fresh
             log.info("TLS certificate reloaded from %s", self.files[0])
             return fresh.configuration()
 
