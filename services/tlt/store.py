@@ -716,7 +716,9 @@ class ArtifactStore:
     """A versioned artifact store rooted at ``uri`` (a local path or any fsspec URL).
 
     ``storage_options`` go to :func:`fsspec.core.url_to_fs`, e.g. ``{"endpoint_url": ...}`` for S3
-    (where they are completed from the AWS_* environment, see :mod:`tlt.store_s3`). ``digest`` is the
+    (where they are completed from the AWS_* environment, see :mod:`tlt.store_s3`); they are kept as given in
+    :attr:`storage_options`, so ``ArtifactStore(store.uri, store.storage_options)`` opens the same store in
+    another process. ``digest`` is the
     checksum of new publishes, one of :data:`DIGESTS`: ``"xxh3_128"`` (default, fast) or ``"sha256"``
     (cryptographic, 10-30x slower to hash; see the module docstring). Reads verify each file by the
     algorithm its manifest entry names, whatever ``digest`` is.
@@ -726,7 +728,8 @@ class ArtifactStore:
                  digest: str = DEFAULT_DIGEST) -> None:
         self.digest = _check_digest(digest)
         self.uri = str(uri)
-        options, endpoint = dict(storage_options or {}), ""
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        options, endpoint = dict(self.storage_options), ""
         if store_s3.is_s3(self.uri):
             options, endpoint = store_s3.storage_options(options)
         try:

@@ -218,13 +218,32 @@ def test_ctrl_c_tears_the_services_down(tmp_path):
     assert not [p for p in pids if alive(p)]
 
 
+def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
+    """Wait until the workers ``names`` decode ``at_least`` requests between them (a rollout is under way)."""
+    import time
+
+    services = {n: json.loads((run_dir / "services" / f"{n}.port").read_text()) for n in names}
+    stubs = [rollout_pb2_grpc.RolloutStub(open_channel(f"127.0.0.1:{s['port']}")) for s in services.values()]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        if sum(stub.Progress(rollout_pb2.ProgressRequest(), timeout=10).running for stub in stubs) >= at_least:
+            return
+        time.sleep(0.01)
+    raise AssertionError("no rollout got under way")
+
+
 @pytest.mark.usefixtures("demo_drafter_dir")
 def test_losing_every_worker_fails_the_run_clearly_and_the_rest_is_torn_down(tmp_path):
+    # Killed between steps, the workers are restarted before the next one (tlt run supervises its services) and
+    # the run goes on; killed while they decode, the step cannot finish and the run must stop naming a worker.
     run_dir = tmp_path / "run"
-    proc = _start_run(run_dir)
+    proc = _start_run(run_dir, ("rollout.max_new_tokens", 400))
     _wait_for_steps(run_dir, proc)
+    workers = ("rollout-0", "rollout-1")
+    _wait_for_running_requests(run_dir, proc, workers)
     ports = {p.stem: json.loads(p.read_text())["pid"] for p in (run_dir / "services").glob("*.port")}
-    for name in ("rollout-0", "rollout-1"):
+    for name in workers:
         os.kill(ports[name], signal.SIGKILL)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2, err

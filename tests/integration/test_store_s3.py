@@ -253,6 +253,8 @@ def test_endpoint_resolution(s3, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # explicit storage_options work without any variable
     explicit = ArtifactStore(store.uri, storage_options={"endpoint_url": s3["endpoint"]})
     assert explicit.read_bytes("drafter", 0, "a.json") == b"0"
+    # what another process (a vLLM worker) gets to open the same store with
+    assert ArtifactStore(explicit.uri, explicit.storage_options).read_bytes("drafter", 0, "a.json") == b"0"
     opts, endpoint = storage_options({"client_kwargs": {"endpoint_url": "http://minio:9000"}})
     assert endpoint == opts["endpoint_url"] == "http://minio:9000" and opts["use_listings_cache"] is False
     assert opts["client_kwargs"]["region_name"] == "us-east-1"

@@ -529,8 +529,8 @@ class VllmRolloutEngine(StepLoop):
     def _reload(self, target: str, store: ArtifactStore, kind: str, version: int) -> dict:
         if self.has_work():
             raise InvalidRequestError(f"{target} reload with requests in the engine: reload between steps")
-        options = getattr(store, "storage_options", None)
-        reports = self.engine.collective_rpc("tlt_reload", args=(target, store.uri, options, kind, version))
+        reports = self.engine.collective_rpc("tlt_reload", args=(target, store.uri, store.storage_options, kind,
+                                                                 version))
         for report in reports:
             if report["checked"] == 0 or report["mismatched"]:
                 raise ModelLoadError(f"{kind} v{version}: vLLM did not take the weights (checked {report['checked']}, "
