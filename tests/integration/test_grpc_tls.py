@@ -362,3 +362,50 @@ def test_server_serves_a_renewed_certificate_and_keeps_the_last_good_one(pki, tm
         assert "does not belong to the certificate" in caplog.text
     finally:
         server.stop(0)
+
+
+def test_client_dials_with_renewed_files_and_keeps_the_last_good_ones(pki, tmp_path, caplog):
+    """The client side of a rotation: the server restarts with a certificate from another CA and the client's
+    mounted CA file was renewed to match; a RemoteClient rereads it and gets through, a client that kept the
+    old settings cannot. A renewal that fails the checks is logged and the last good settings stay."""
+    import dataclasses
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tlt.rpc.client import RemoteClient
+    from tlt.rpc.server import start_server
+
+    class Health(RemoteClient):
+        stub_class = health_pb2_grpc.HealthStub
+        peer = "health service"
+
+    def check(client: Health) -> None:
+        client._call("Check", health_pb2.HealthCheckRequest())
+
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki["ca"].read_bytes())
+    server = start_server([], host="localhost", tls=ServerTLS.from_files(pki["cert"], pki["key"]))
+    port = server.port
+    client = Health(f"localhost:{port}", timeout=10, tls=resolve_client_tls({"ca": ca}))
+    stale = Health(f"localhost:{port}", timeout=10, tls=dataclasses.replace(client.tls, files=None))
+    try:
+        check(client)
+        check(stale)
+        server.stop(0)
+        ca.write_bytes(pki["other_ca"].read_bytes())
+        server = start_server([], host="localhost", port=port,
+                              tls=ServerTLS.from_files(pki["renewed_cert"], pki["renewed_key"]))
+        check(client)
+        with pytest.raises(RpcError) as refused:
+            check(stale)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+        ca.write_bytes(b"half written")
+        with caplog.at_level("WARNING", logger="tlt.rpc.client"):
+            check(client)
+        assert "changed but cannot be used, keeping the previous ones" in caplog.text
+        assert "--tls-ca" in caplog.text
+    finally:
+        client.close()
+        stale.close()
+        server.stop(0)

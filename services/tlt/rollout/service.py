@@ -355,7 +355,7 @@ class RemoteRolloutWorker(RemoteClient):
                 if not in_flight:
                     last_answer = time.monotonic()
 
-        call = self.stub.Generate(requests())
+        call = self.current_stub().Generate(requests())
         stalled: list[str] = []
         done = threading.Event()
 

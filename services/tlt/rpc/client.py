@@ -6,6 +6,8 @@ the operator."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -13,9 +15,12 @@ from typing import Any, ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tlt.errors import ConfigError
 from tlt.rpc.errors import RpcError, from_grpc
 from tlt.rpc.server import MAX_MESSAGE_BYTES
-from tlt.rpc.tls import ClientTLS
+from tlt.rpc.tls import ClientTLS, FileChanges
+
+log = logging.getLogger(__name__)
 
 # Calls that are safe to repeat: gRPC retries them on UNAVAILABLE with exponential backoff. Streams that
 # carry work (Generate, PushDelta, TrainStep) and the drafter Publish are not retried automatically.
@@ -80,6 +85,11 @@ class RemoteClient:
     """Base of the handles on a service at ``address``: one channel (TLS with ``tls``), the service's stub,
     a default deadline, and failures named after the peer (``<method> on <peer> at <address>``).
 
+    With TLS read from files, each call first checks whether the files changed (certificates renewed in
+    place) and, if the new ones pass the checks, moves to a new channel dialed with them; calls and streams
+    in flight finish on the old channel, which is closed with the client. A renewal that fails the checks
+    (e.g. half written) is logged and the current channel kept.
+
     Subclasses set ``stub_class`` (the generated stub), ``peer`` (how errors name the service) and
     ``default_timeout`` (the deadline of a call, in seconds, when the constructor is not given one).
     """
@@ -91,24 +101,53 @@ class RemoteClient:
     def __init__(self, address: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout = self.default_timeout if timeout is None else timeout
+        self.tls = tls
+        self._tls_changes = FileChanges(tls.files) if tls is not None and tls.files is not None else None
+        self._swap_lock = threading.Lock()
+        self._old_channels: list[grpc.Channel] = []
         self.channel = open_channel(address, tls)
         self.stub = self.stub_class(self.channel)
+
+    def current_stub(self) -> Any:
+        """The stub to call with: on a new channel first when the TLS files were renewed since the last call."""
+        if self._tls_changes is not None and self._tls_changes.changed():
+            self._renew_channel()
+        return self.stub
+
+    def _renew_channel(self) -> None:
+        assert self.tls is not None
+        try:
+            fresh = self.tls.reread()
+        except ConfigError as exc:
+            log.warning("TLS files for %s changed but cannot be used, keeping the previous ones: %s",
+                        self.address, exc)
+            return
+        with self._swap_lock:
+            self._old_channels.append(self.channel)
+            self.tls = fresh
+            self.channel = open_channel(self.address, fresh)
+            self.stub = self.stub_class(self.channel)
+        log.info("TLS files for %s reloaded: new connections use them", self.address)
 
     def _what(self, method: str) -> str:
         return f"{method} on {self.peer} at {self.address}"
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """The stub's ``method`` with ``request`` under a deadline (default: ``self.timeout``)."""
-        return call(getattr(self.stub, method), request, self._what(method),
+        return call(getattr(self.current_stub(), method), request, self._what(method),
                     self.timeout if timeout is None else timeout)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until the service reports SERVING (e.g. after a restart)."""
+        self.current_stub()
         wait_ready(self.channel, self.address, timeout)
 
     def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
+        """Close the channel (and those left by certificate renewals)."""
+        with self._swap_lock:
+            for channel in (*self._old_channels, self.channel):
+                channel.close()
+            self._old_channels.clear()
 
 
 def set_worker_role(address: str, role: str, timeout: float = 5.0, tls: ClientTLS | None = None) -> None:

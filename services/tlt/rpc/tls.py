@@ -16,6 +16,10 @@ A server reloads its certificate, key and client CA when the files change (cert-
 Secret in place): each new connection checks the files' modification times, and a changed set that passes
 the same checks is served from then on; one that does not (e.g. a half-written rotation) is logged and the
 last good set stays. Connections already open keep the certificate they were made with.
+
+Clients built with :class:`~tlt.rpc.client.RemoteClient` do the same on their side: before each call they check
+the modification times of their CA, certificate and key files, and when those changed and pass the checks
+they dial new connections with them (calls in flight finish on the old ones).
 """
 
 from __future__ import annotations
@@ -153,6 +157,35 @@ class ServerTLS:
                                                    require_client_authentication=self.mutual)
 
 
+class FileChanges:
+    """Tells whether any of ``paths`` (None entries are skipped) changed since the last look, by modification
+    time and size; a missing file counts as a state of its own. Thread-safe."""
+
+    def __init__(self, paths: tuple[str | None, ...]) -> None:
+        self.paths = paths
+        self._seen = self._signature()
+        self._lock = threading.Lock()
+
+    def _signature(self) -> tuple[tuple[int, int] | None, ...]:
+        out = []
+        for path in self.paths:
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(out)
+
+    def changed(self) -> bool:
+        """True once for each change (the change is then the new state compared against)."""
+        signature = self._signature()
+        with self._lock:
+            if signature == self._seen:
+                return False
+            self._seen = signature
+            return True
+
+
 class CertificateReloader:
     """gRPC's certificate-configuration fetcher for a :class:`ServerTLS` read from files: called on each new
     connection, it answers a new configuration when the files changed and passed the checks, else None (keep
@@ -162,34 +195,20 @@ class CertificateReloader:
         if tls.files is None:
             raise ValueError("CertificateReloader needs a ServerTLS read from files")
         self.files = tls.files
-        self._seen = self._signature()
-        self._lock = threading.Lock()
-
-    def _signature(self) -> tuple[tuple[int, int] | None, ...]:
-        out = []
-        for path in self.files:
-            try:
-                st = os.stat(path) if path else None
-            except OSError:
-                st = None
-            out.append((st.st_mtime_ns, st.st_size) if st else None)
-        return tuple(out)
+        self._changes = FileChanges(self.files)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            signature = self._signature()
-            if signature == self._seen:
-                return None
-            self._seen = signature
-            try:
-                fresh = ServerTLS.from_files(*self.files)
-            except ConfigError as exc:
-                log.warning("TLS files changed but cannot be used, still serving the previous certificate: %s", exc)
-                return None
-            if fresh is None:  # cannot happen: the cert and key paths are those the server started with
-                return None
-            log.info("TLS certificate reloaded from %s", self.files[0])
-            return fresh.configuration()
+        if not self._changes.changed():
+            return None
+        try:
+            fresh = ServerTLS.from_files(*self.files)
+        except ConfigError as exc:
+            log.warning("TLS files changed but cannot be used, still serving the previous certificate: %s", exc)
+            return None
+        if fresh is None:  # cannot happen: the cert and key paths are those the server started with
+            return None
+        log.info("TLS certificate reloaded from %s", self.files[0])
+        return fresh.configuration()
 
 
 @dataclass(frozen=True)
@@ -201,6 +220,8 @@ class ClientTLS:
     cert_chain: bytes | None = None
     private_key: bytes | None = field(default=None, repr=False)
     server_name: str | None = None
+    # (CA, cert, key) paths when read from files (resolve_client_tls): what reread() reads again
+    files: tuple[str, str | None, str | None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientTLS | None:
@@ -215,6 +236,16 @@ class ClientTLS:
     def channel_options(self) -> list[tuple[str, str]]:
         """Channel options: the certificate name override when ``server_name`` is set."""
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def reread(self) -> ClientTLS:
+        """The same settings read again from their files (renewed in place); ConfigError when they no longer
+        pass the checks. Settings not read from files are returned as they are."""
+        if self.files is None:
+            return self
+        ca, cert, key = self.files
+        fresh = resolve_client_tls({"ca": ca, "cert": cert, "key": key, "server_name": self.server_name})
+        assert fresh is not None  # a CA path is given
+        return fresh
 
 
 def resolve_client_tls(flags: Mapping[str, str | os.PathLike[str] | None],
@@ -252,4 +283,4 @@ def resolve_client_tls(flags: Mapping[str, str | os.PathLike[str] | None],
     if server_name is not None and not _SERVER_NAME.fullmatch(server_name):
         raise ConfigError(f"{sources['server_name']} {server_name!r}: not a host name; give the DNS name the "
                           f"servers' certificates carry, e.g. tlt-grpc")
-    return ClientTLS(ca, chain, key, server_name)
+    return ClientTLS(ca, chain, key, server_name, (values["ca"], values.get("cert"), values.get("key")))
