@@ -21,7 +21,11 @@ from tlt.store import ArtifactStore
 
 @pytest.mark.usefixtures("demo_drafter_dir")
 def test_killed_trainer_and_drafter_services_restart_and_the_job_goes_on_exactly(tmp_path):
+    # Drafter training also in every update phase, pushing after each drafter step: a tiny step's rollout may
+    # have no long tail at all (both workers finish together), and then nothing would show that the restarted
+    # drafter service takes pushes and publishes again. The update of step 3 (after the restart) always trains.
     spec = job_spec_from_dict(apply_overrides({}, {**TINY_JOB, "steps": 4, "data.heldout": 0,
+                                                   "drafter.train_during_update": True, "drafter.push_every": 1,
                                                    "output_dir": str(tmp_path)}))
     events: list[dict] = []
     killed: list[tuple[str, int]] = []
