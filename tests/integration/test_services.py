@@ -223,13 +223,18 @@ def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
     import time
 
     services = {n: json.loads((run_dir / "services" / f"{n}.port").read_text()) for n in names}
-    stubs = [rollout_pb2_grpc.RolloutStub(open_channel(f"127.0.0.1:{s['port']}")) for s in services.values()]
+    channels = [open_channel(f"127.0.0.1:{s['port']}") for s in services.values()]
+    stubs = [rollout_pb2_grpc.RolloutStub(channel) for channel in channels]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
-        if sum(stub.Progress(rollout_pb2.ProgressRequest(), timeout=10).running for stub in stubs) >= at_least:
-            return
-        time.sleep(0.01)
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            if sum(stub.Progress(rollout_pb2.ProgressRequest(), timeout=10).running for stub in stubs) >= at_least:
+                return
+            time.sleep(0.01)
+    finally:
+        for channel in channels:
+            channel.close()
     raise AssertionError("no rollout got under way")
 
 
