@@ -175,15 +175,15 @@ def test_plain_sampling_passes_the_same_check(small_vocab_setup):
     assert stat < chi_square_critical(dof)
 
 
-def _bonus_from_p(probs, rejected, drawn, generator):
+def _bonus_from_p(probs, drawn):
     """The classic bug: after rejecting every child, draw the bonus afresh from p, not the residual."""
-    return int(sample_from_probs(probs[None], torch.rand((), generator=generator)[None])[0])
+    return sample_from_probs(probs, torch.rand(probs.shape[0]))
 
 
 def test_broken_acceptance_rule_is_detected(small_vocab_setup, monkeypatch):
     """Negative control: the same check catches a bonus token drawn from p instead of the residual."""
     tgt, d = small_vocab_setup
-    monkeypatch.setattr(speculative, "residual_token", _bonus_from_p)
+    monkeypatch.setattr(speculative, "residual_tokens", _bonus_from_p)
     engine = RolloutEngine(tgt, max_running=64, drafter=d, tuner=fixed_tuner("3_2_6"))
     counts = _joint_counts(engine, PROMPT, DRAWS, 12)
     stat, dof = chi_square(counts, _exact_joint(tgt, PROMPT))

@@ -114,7 +114,7 @@ def test_every_arm_tried_once_in_order_before_exploiting() -> None:
     rng = random.Random(0)
     tried = [_pull(tuner, 4, MEANS, rng, sd=0.0) for _ in range(6)]
     assert tried == [*DEFAULT_NAMES, OFF]
-    assert tuner.choose(4).name == "4_2_8"  # then pure exploitation of the best median
+    assert tuner.choose(4).name == "4_2_8"  # then pure exploitation of the best mean
     # An unrecorded choice does not count as tried; another bucket starts from scratch.
     fresh = BegMabTuner(TunerConfig(epsilon=0.0))
     assert [fresh.choose(4).name for _ in range(3)] == ["8_4_32"] * 3
@@ -143,6 +143,18 @@ def test_converges_to_best_arm_under_noise() -> None:
     assert sum(summary["pulls"].values()) == 500
 
 
+def test_skewed_sd_rewards_are_scored_by_their_mean() -> None:
+    """An SD iteration at batch 1 emits 1..depth+1 tokens in about the same time, mostly few: the arm's
+    throughput is the mean of its rewards, which beats plain decoding here although its median does not."""
+    tuner = BegMabTuner(TunerConfig(strategies=["4_2_8"], epsilon=0.0))
+    strategy = SpecStrategy.parse("4_2_8")
+    for i in range(20):
+        tuner.record_plain(1, 1, 0.01)  # 100 tokens/s every time
+        tuner.record(1, strategy, 1 if i % 5 < 3 else 4, 0.015)  # 67 or 267 tokens/s: median 67, mean 147
+    assert tuner.choose(1) == strategy
+    assert tuner.summary()["1"]["best"] == "4_2_8"
+
+
 def test_oom_guard_limits_tree_size() -> None:
     tuner = BegMabTuner(TunerConfig(max_verify_tokens=128, epsilon=0.5))
     rng = random.Random(0)
@@ -162,7 +174,7 @@ def test_record_validation_and_degenerate_timing() -> None:
     tuner.record_plain(1, 5, 0.0)  # zero-length timing: dropped, not a division error
     assert tuner.summary()["1"]["pulls"] == {}
     tuner.record(1, SpecStrategy(4, 2, 8), 6, 0.5)
-    assert tuner.summary()["1"]["median_tokens_per_s"] == {"4_2_8": 12.0}
+    assert tuner.summary()["1"]["mean_tokens_per_s"] == {"4_2_8": 12.0}
 
 
 def _drive(tuner: BegMabTuner, rng: random.Random, n: int) -> list[str]:

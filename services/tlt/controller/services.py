@@ -40,6 +40,7 @@ class Services:
 def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Services:
     """Everything in this process: worker threads, the aggregator and the trainer share the store."""
     from tlt.drafter.service import open_aggregator
+    from tlt.models.drafter_io import drafter_inference_dtype
     from tlt.models.loader import load_model
     from tlt.rollout.worker import RolloutWorker
     from tlt.trainer.service import TrainerEndpoint
@@ -61,7 +62,8 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
             closers.append(worker.close)
             continue
         model = load_model(model_dir, dtype=spec.model.dtype)
-        drafter = aggregator.drafter.copy_for(model).to(model.dtype).eval() if aggregator else None
+        drafter = (aggregator.drafter.copy_for(model).to(drafter_inference_dtype(model)).eval()
+                   if aggregator else None)
         workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, store,
                                      push_delta=aggregator.push_delta if aggregator else None,
                                      drafter_base=aggregator.base if aggregator else None))

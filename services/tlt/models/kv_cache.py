@@ -36,8 +36,9 @@ class StaticKVCache:
             k[dst, :, :length].copy_(k[src, :, :length])
             v[dst, :, :length].copy_(v[src, :, :length])
 
-    def copy_positions(self, slot: int, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Within one slot, copy cached positions ``src`` to ``dst`` (used to keep accepted draft tokens)."""
+    def copy_positions(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy cached position ``src[i]`` to ``dst[i]`` within slot ``slots[i]``, for all ``i`` at once (keeps
+        accepted draft tokens). Sources are read before any destination is written."""
         for k, v in zip(self.keys, self.values):
-            k[slot, :, dst] = k[slot, :, src]
-            v[slot, :, dst] = v[slot, :, src]
+            k[slots, :, dst] = k[slots, :, src]
+            v[slots, :, dst] = v[slots, :, src]

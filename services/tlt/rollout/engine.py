@@ -22,7 +22,7 @@ import torch
 from tlt.errors import InvalidRequestError
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
-from tlt.rollout.sampling import SamplingParams, sample_tokens
+from tlt.rollout.sampling import SamplingParams, UniformStream, sample_tokens
 from tlt.rollout.speculative import SpecDecodeStats, SpecState, SpeculativeDecoder
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 
@@ -58,7 +58,7 @@ class _Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    uniforms: UniformStream
     stop_ids: frozenset[int]
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -159,7 +159,7 @@ class RolloutEngine(StepLoop):
         max_seq_len: prompt + completion token limit per request (defaults to the model's context,
             capped at 4096).
         max_prefill_tokens: token budget of one prefill batch (at least one request is always admitted).
-        seed: seeds the generator of requests that bring no seed of their own.
+        seed: seeds the uniform stream of requests that bring no seed of their own.
         drafter: an EAGLE-3 drafter for speculative decoding (None: plain decoding only).
         tuner: decides per step whether to speculate and with which strategy (default: BEG-MAB
             with default settings when a drafter is given).
@@ -230,7 +230,7 @@ class RolloutEngine(StepLoop):
             request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
             prompt_ids=prompt,
             params=params,
-            generator=torch.Generator().manual_seed(seed),
+            uniforms=UniformStream(seed),
             stop_ids=frozenset(stop),
             spec=SpecState() if self.spec else None,
         )
@@ -393,7 +393,7 @@ class RolloutEngine(StepLoop):
         return emitted, catch_up_s, switch_over
 
     def _append_samples(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        tokens, logprobs = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, logprobs = sample_tokens(logits, [s.params for s in seqs], [s.uniforms for s in seqs])
         for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             self.append_token(s, tok, lp)
 

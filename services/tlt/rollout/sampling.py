@@ -74,14 +74,47 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
+class UniformStream:
+    """A request's uniforms in [0, 1), drawn in order from its own seeded generator.
+
+    Every emitted token uses the next uniform of the stream, with or without speculation: speculative
+    verification looks ahead (:meth:`peek`, one uniform per tree depth) and then consumes only as many as it
+    emitted tokens, so the rest stay for the next tokens. (CPU generators give the same numbers drawn one at
+    a time or ``n`` at once, which a test checks.)
+    """
+
+    __slots__ = ("_ahead", "generator")
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self._ahead = torch.empty(0)
+
+    def peek(self, n: int) -> torch.Tensor:
+        """The next ``n`` uniforms, not consumed."""
+        short = n - self._ahead.numel()
+        if short > 0:
+            self._ahead = torch.cat([self._ahead, torch.rand(short, generator=self.generator)])
+        return self._ahead[:n]
+
+    def consume(self, n: int) -> None:
+        """Mark the next ``n`` uniforms as used (they must have been peeked)."""
+        self._ahead = self._ahead[n:]
+
+    def take(self) -> torch.Tensor:
+        """The next uniform, consumed."""
+        u = self.peek(1)
+        self.consume(1)
+        return u
+
+
 def sample_tokens(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor, params: list[SamplingParams], streams: list[UniformStream]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens [B], log-probs [B]).
 
     The log-prob is of the sampled token under the temperature-scaled full distribution (the raw
     distribution for greedy rows), which is what a GRPO importance ratio needs. Each row draws its
-    uniform from its own generator, so a request's samples do not depend on its batch neighbours.
+    uniform from its own stream, so a request's samples do not depend on its batch neighbours.
     """
     b = logits.shape[0]
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
@@ -92,7 +125,7 @@ def sample_tokens(
     if sampled:
         rows = logits[sampled]
         row_params = [params[i] for i in sampled]
-        uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in sampled])
+        uniforms = torch.cat([streams[i].take() for i in sampled])
         tokens[sampled] = sample_from_probs(processed_probs(rows, row_params), uniforms.to(logits.device))
     temps = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=logits.device)
     logprobs = torch.log_softmax(logits.float() / temps[:, None], dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

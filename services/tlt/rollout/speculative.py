@@ -11,7 +11,7 @@ One iteration for a batch of running sequences:
 3. **Verify** the whole tree in one target forward with a tree attention mask.
 4. **Accept** from the root down by recursive rejection sampling of the node's children, which are
    deterministic draft proposals (point masses), against the target distribution ``p`` (after
-   temperature / top-k / top-p); see :func:`accept_sampled`. Every emitted token follows ``p``
+   temperature / top-k / top-p); see :func:`accept_tree`. Every emitted token follows ``p``
    exactly (lossless), and seeded outputs equal those of plain sampling. For greedy rows it reduces
    to "descend while a child equals the argmax".
 5. **Commit**: the accepted path's K/V entries are moved to consecutive cache positions; the rest of
@@ -30,7 +30,7 @@ import torch
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.kv_cache import StaticKVCache
 from tlt.models.transformer import CausalLM, ForwardOutput, _attention_mask
-from tlt.rollout.sampling import SamplingParams, processed_probs, sample_from_probs
+from tlt.rollout.sampling import processed_probs, sample_from_probs
 from tlt.rollout.tuner import SpecStrategy
 
 
@@ -86,12 +86,15 @@ class SpecDecodeStats:
 
 @dataclass
 class DraftTree:
-    """A verification tree per row; node 0 is the root (the last generated, not yet cached token)."""
+    """A verification tree per row; node 0 is the root (the last generated, not yet cached token).
+
+    Nodes are in creation order, so a node's parent comes before it."""
 
     tokens: torch.Tensor  # [B, N] target token ids
-    parents: list[list[int]]  # per row, parent tree index of each node (-1 for the root)
+    parents: torch.Tensor  # [B, N] parent node of each node (the root is its own parent)
     depth: torch.Tensor  # [B, N]
     mask: torch.Tensor  # [B, N, N] ancestor-or-self
+    max_depth: int
 
 
 @dataclass
@@ -101,6 +104,16 @@ class RowResult:
     tokens: list[int]
     logprobs: list[float]
     accepted: int
+
+
+@dataclass
+class Acceptance:
+    """The verified outcome for a batch: per row, the accepted path of tree nodes (root first), whose
+    length is the number of emitted tokens, and the emitted tokens (the accepted drafts, then the bonus)."""
+
+    paths: torch.Tensor  # [B, max_depth + 1] tree nodes; entries past a row's length are padding
+    lengths: torch.Tensor  # [B]
+    tokens: torch.Tensor  # [B, max_depth + 1]; entries past a row's length are padding
 
 
 class SpecState:
@@ -117,50 +130,48 @@ class SpecState:
         self.pending: list[torch.Tensor] = []
 
 
-def accept_sampled(probs_at: Callable[[int], torch.Tensor], children: list[list[int]], tree_tokens: list[int],
-                   generator: torch.Generator) -> tuple[list[int], int]:
-    """Recursive rejection sampling down a tree of point-mass proposals; returns (path, bonus token).
+def accept_tree(tree: DraftTree, drawn: torch.Tensor) -> Acceptance:
+    """Recursive rejection sampling down each row's tree of point-mass proposals, for all rows at once.
 
-    At a node with target distribution ``p`` and children ``c_1..c_m`` (deterministic proposals),
-    rejection sampling accepts ``c_1`` with probability ``p(c_1)``, else ``c_2`` with probability
-    ``p(c_2) / (1 - p(c_1))``, ..., else draws the bonus token from the residual ``p`` without the
-    children. We realise that chain with one uniform ``u`` by inverse-CDF coupling: ``x = F_p^{-1}(u)``;
-    accept the child equal to ``x`` if there is one, otherwise ``x`` *is* the residual draw (given
-    that it is no child, ``x`` follows ``p`` restricted to the non-children). The law is the same, and
-    every emitted token consumes exactly one uniform from the request's generator, in order, as plain
-    sampling does: seeded outputs are identical with and without speculation.
+    ``drawn[b, n]`` is the target's draw at node ``n``: its argmax for a greedy row, else
+    ``F_p^{-1}(u_d)``, the inverse CDF of the node's target distribution ``p`` at the row's uniform for the
+    node's depth ``d``. At a node with children ``c_1..c_m`` (deterministic proposals), rejection sampling
+    accepts ``c_1`` with probability ``p(c_1)``, else ``c_2`` with probability ``p(c_2) / (1 - p(c_1))``, ...,
+    else draws the bonus token from the residual ``p`` without the children. Inverse-CDF coupling realises
+    that chain with one uniform: accept the child equal to ``x = F_p^{-1}(u)`` if there is one, otherwise
+    ``x`` *is* the residual draw (given that it is no child, ``x`` follows ``p`` restricted to the
+    non-children). The law is the same, and every emitted token uses exactly one uniform of the request's
+    stream, in order, as plain sampling does: seeded outputs are identical with and without speculation.
+    For a greedy row this is "descend while a child carries the argmax".
+
+    Vectorised: a node is on the accepted path when it and each of its ancestors below the root carries its
+    parent's draw. Siblings carry distinct tokens, so those nodes form one chain from the root.
     """
-    node, path = 0, [0]
-    while True:
-        probs = probs_at(node)
-        u = torch.rand((), generator=generator)
-        x = int(sample_from_probs(probs[None], u[None])[0])
-        child = next((c for c in children[node] if tree_tokens[c] == x), None)
-        if child is None:
-            return path, residual_token(probs, [tree_tokens[c] for c in children[node]], x, generator)
-        node = child
-        path.append(node)
+    hit = tree.tokens == drawn.gather(1, tree.parents)
+    hit[:, 0] = True
+    on_path = ~(tree.mask & ~hit[:, None, :]).any(-1)  # [B, N]
+    lengths = on_path.sum(1)
+    b, n = tree.tokens.shape
+    width = tree.max_depth + 1
+    # Path nodes by depth; nodes off the path go to a spare column that is cut off.
+    column = torch.where(on_path, tree.depth, width)
+    paths = torch.zeros(b, width + 1, dtype=torch.long, device=tree.tokens.device)
+    paths.scatter_(1, column, torch.arange(n, device=paths.device)[None].expand(b, -1))
+    paths = paths[:, :width]
+    last = paths.gather(1, (lengths - 1)[:, None])
+    tokens = torch.cat([tree.tokens.gather(1, paths[:, 1:]), torch.zeros_like(last)], dim=1)
+    tokens.scatter_(1, (lengths - 1)[:, None], drawn.gather(1, last))
+    return Acceptance(paths, lengths, tokens)
 
 
-def residual_token(probs: torch.Tensor, rejected: list[int], drawn: int, generator: torch.Generator) -> int:
-    """The bonus token after every child was rejected.
+def residual_tokens(probs: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """The bonus tokens of sampled rows at the node where their path ended (every child there rejected).
 
-    ``drawn`` was drawn from ``probs`` and is none of ``rejected``, so it already follows the residual
-    distribution ``max(p - sum of rejected point masses, 0)`` normalised; it is returned as is.
+    ``drawn`` [R] was drawn from ``probs`` [R, V] and is none of the node's children, so it already follows
+    the residual distribution ``max(p - sum of rejected point masses, 0)`` normalised; it is returned as is.
     (Drawing afresh from ``probs`` here is the classic bug that biases towards drafted tokens.)
     """
     return drawn
-
-
-def accept_greedy(argmax: list[int], children: list[list[int]], tree_tokens: list[int]) -> tuple[list[int], int]:
-    """Descend while a child carries the target's argmax; returns (path incl. root, bonus token)."""
-    node, path = 0, [0]
-    while True:
-        nxt = next((c for c in children[node] if tree_tokens[c] == argmax[node]), None)
-        if nxt is None:
-            return path, argmax[node]
-        node = nxt
-        path.append(node)
 
 
 def _distinct_contiguous_args(fn: Callable) -> Callable:
@@ -232,7 +243,7 @@ class SpeculativeDecoder:
     def step(self, seqs: list, states: list[SpecState], strategy: SpecStrategy) -> tuple[list[RowResult], float]:
         """Run catch-up, drafting, verification and commit for rows in slots ``0..len(seqs)-1``.
 
-        ``seqs`` expose ``all_tokens``, ``cache_len``, ``params`` and ``generator``; their
+        ``seqs`` expose ``all_tokens``, ``cache_len``, ``params`` and ``uniforms``; their
         ``cache_len`` is advanced here. Returns the per-row results and the catch-up seconds.
         """
         start = time.perf_counter()
@@ -246,15 +257,15 @@ class SpeculativeDecoder:
             key_len=max(s.cache_len for s in seqs) + tree.tokens.shape[1],
         )
         feats = torch.cat([out.hidden[j] for j in self.aux_layers], dim=-1)
-        results = self._accept(seqs, tree, out.logits)
-        self._commit(seqs, states, results, tree, feats)
+        accepted = self._accept(seqs, tree, out.logits)
+        results = self._commit(seqs, states, accepted, out.logits, feats)
         n_draft = tree.tokens.shape[1] - 1
-        for r, _ in results:
+        for r in results:
             self.stats.num_drafts += 1
             self.stats.num_draft_tokens += n_draft
             self.stats.num_accepted_tokens += r.accepted
             self.stats.record_accepts(r.accepted)
-        return [r for r, _ in results], catch_up_s
+        return results, catch_up_s
 
     def _catch_up(self, seqs: list, states: list[SpecState]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.target.device
@@ -298,23 +309,27 @@ class SpeculativeDecoder:
         front_hidden = h_root[:, None, :].expand(b, k, -1)
         front_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=device)
         next_id = k + 1
+        # Scratch K/V of draft step s's frontier sit at base + (s-1)*k .. base + s*k - 1; what each query may
+        # see there changes per step, the rest of the mask does not.
+        width = max(scratch, 1)
+        key_len = int(base.max()) + scratch
+        rel = torch.arange(key_len, device=device)[None, :] - base[:, None]  # [B, key_len]
+        in_scratch = ((rel >= 0) & (rel < scratch))[:, None, :]
+        prefix = (rel < 0)[:, None, :]
+        scratch_index = rel.clamp(0, width - 1)[:, None, :].expand(-1, k, -1)
+        child_parent_slot = torch.arange(k, device=device).repeat_interleave(k)[None].expand(b, -1)
         for step in range(1, depth):
             own_cols = (step - 1) * k + torch.arange(k, device=device)
-            own = torch.nn.functional.one_hot(own_cols, max(scratch, 1)).bool()[None].expand(b, -1, -1)
+            own = torch.nn.functional.one_hot(own_cols, width).bool()[None].expand(b, -1, -1)
             visible = front_anc | own
-            key_len = int(base.max()) + scratch
-            rel = torch.arange(key_len, device=device)[None, :] - base[:, None]  # [B, key_len]
-            in_scratch = (rel >= 0) & (rel < scratch)
-            gathered = visible.gather(2, rel.clamp(0, max(scratch - 1, 0))[:, None, :].expand(-1, k, -1))
-            mask = ((rel < 0)[:, None, :] | (gathered & in_scratch[:, None, :])).unsqueeze(1)
+            mask = (prefix | (visible.gather(2, scratch_index) & in_scratch)).unsqueeze(1)
             positions = (base + step - 1)[:, None].expand(b, k)
             out = self._drafter_forward(front_tokens, front_hidden, positions, self.drafter_cache, 0,
-                                              base[:, None] + own_cols[None, :], key_len, mask)
+                                        base[:, None] + own_cols[None, :], key_len, mask)
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, Vd]
             child_lp, child_ids = logp.topk(k, dim=-1)
             child_scores = (front_scores[:, :, None] + child_lp).reshape(b, k * k)
             child_tokens = self.drafter.to_target_ids(child_ids).reshape(b, k * k)
-            child_parent_slot = torch.arange(k, device=device).repeat_interleave(k)[None].expand(b, -1)
             node_tokens.append(child_tokens)
             node_scores.append(child_scores)
             node_parents.append(front_ids.gather(1, child_parent_slot))
@@ -324,15 +339,15 @@ class SpeculativeDecoder:
             front_tokens = child_tokens.gather(1, best)
             front_scores = best_scores
             front_hidden = out.hidden.gather(1, parent_slot[:, :, None].expand(-1, -1, out.hidden.shape[-1]))
-            parent_own = own.gather(1, parent_slot[:, :, None].expand(-1, -1, own.shape[-1]))
-            front_anc = front_anc.gather(1, parent_slot[:, :, None].expand(-1, -1, front_anc.shape[-1])) | parent_own
+            parent_own = own.gather(1, parent_slot[:, :, None].expand(-1, -1, width))
+            front_anc = front_anc.gather(1, parent_slot[:, :, None].expand(-1, -1, width)) | parent_own
             next_id += k * k
         return self._select(root_tokens, torch.cat(node_tokens, 1), torch.cat(node_scores, 1),
-                            torch.cat(node_parents, 1), strategy.num_verify)
+                            torch.cat(node_parents, 1), strategy.num_verify, depth)
 
     @staticmethod
     def _select(root_tokens: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, parents: torch.Tensor,
-                num_verify: int) -> DraftTree:
+                num_verify: int, max_depth: int) -> DraftTree:
         """Keep the ``num_verify-1`` best nodes (ancestor-closed) in creation order, plus the root."""
         b, m = tokens.shape
         device = tokens.device
@@ -345,52 +360,62 @@ class SpeculativeDecoder:
         parent_pos = inverse.gather(1, parents.gather(1, chosen))
         if (parent_pos < 0).any():
             raise RuntimeError("draft tree selection is not ancestor-closed")
-        n = num_verify
+        tree_parents = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), parent_pos], dim=1)
         tree_tokens = torch.cat([root_tokens[:, None], tokens.gather(1, chosen)], dim=1)
-        depth = torch.zeros(b, n, dtype=torch.long, device=device)
-        mask = torch.zeros(b, n, n, dtype=torch.bool, device=device)
-        mask[:, 0, 0] = True
-        rows = torch.arange(b, device=device)
-        for i in range(1, n):
-            p = parent_pos[:, i - 1]
-            depth[:, i] = depth[rows, p] + 1
-            mask[:, i] = mask[rows, p]
-            mask[:, i, i] = True
-        parents_list = [[-1, *row] for row in parent_pos.tolist()]
-        return DraftTree(tree_tokens, parents_list, depth, mask)
+        # Ancestor-or-self mask: hop to the parent max_depth times (the root is its own parent).
+        hop = torch.arange(num_verify, device=device)[None].expand(b, -1)
+        mask = torch.zeros(b, num_verify, num_verify, dtype=torch.bool, device=device)
+        mask.scatter_(2, hop[:, :, None], True)
+        for _ in range(max_depth):
+            hop = tree_parents.gather(1, hop)
+            mask.scatter_(2, hop[:, :, None], True)
+        depth = mask.sum(-1) - 1
+        return DraftTree(tree_tokens, tree_parents, depth, mask, max_depth)
 
-    def _accept(self, seqs: list, tree: DraftTree, logits: torch.Tensor) -> list[tuple[RowResult, list[int]]]:
-        argmax = logits.float().argmax(-1).tolist()
-        tree_tokens = tree.tokens.tolist()
+    def _accept(self, seqs: list, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+        """The target's draw at every node (argmax, or inverse CDF at the row's uniform for the node's depth),
+        then the accepted paths; sampled rows' bonus tokens go through :func:`residual_tokens`."""
+        _, n, vocab = logits.shape
+        drawn = logits.float().argmax(-1)
+        sampled = [row for row, s in enumerate(seqs) if not s.params.greedy]
+        probs = None
+        if sampled:
+            index = torch.tensor(sampled, device=logits.device)
+            row_params = [seqs[row].params for row in sampled for _ in range(n)]
+            probs = processed_probs(logits[index].reshape(-1, vocab), row_params).view(len(sampled), n, vocab)
+            uniforms = torch.stack([seqs[row].uniforms.peek(tree.max_depth + 1) for row in sampled])
+            at_node = uniforms.gather(1, tree.depth[index]).reshape(-1)
+            drawn[index] = sample_from_probs(probs.view(-1, vocab), at_node).view(len(sampled), n)
+        accepted = accept_tree(tree, drawn)
+        if sampled:
+            last_of = accepted.paths.gather(1, (accepted.lengths - 1)[:, None])[index, 0]
+            bonus = residual_tokens(probs[torch.arange(len(sampled)), last_of], drawn[index, last_of])
+            accepted.tokens[index, accepted.lengths[index] - 1] = bonus
+        return accepted
+
+    def _commit(self, seqs: list, states: list[SpecState], accepted: Acceptance, logits: torch.Tensor,
+                feats: torch.Tensor) -> list[RowResult]:
+        """Move the accepted paths' K/V into place, keep their features for the drafter, consume the sampled
+        rows' uniforms, and return each row's tokens with their log-probs."""
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=torch.float32, device=logits.device)
+        path_logits = logits.gather(1, accepted.paths[:, :, None].expand(-1, -1, logits.shape[-1]))
+        logprobs = torch.log_softmax(path_logits.float() / temps[:, None, None], dim=-1)
+        logprobs = logprobs.gather(-1, accepted.tokens[:, :, None]).squeeze(-1).tolist()
+        path_feats = feats.gather(1, accepted.paths[:, :, None].expand(-1, -1, feats.shape[-1]))
+        lengths, paths, tokens = accepted.lengths.tolist(), accepted.paths.tolist(), accepted.tokens.tolist()
+        moves: tuple[list[int], list[int], list[int]] = ([], [], [])  # slot, source, destination
         results = []
-        for row, s in enumerate(seqs):
-            n = len(tree.parents[row])
-            children: list[list[int]] = [[] for _ in range(n)]
-            for i, p in enumerate(tree.parents[row][1:], start=1):
-                children[p].append(i)
-            params: SamplingParams = s.params
-            if params.greedy:
-                path, bonus = accept_greedy(argmax[row], children, tree_tokens[row])
-            else:
-                row_logits = logits[row]
-                path, bonus = accept_sampled(
-                    lambda node, rl=row_logits, p=params: processed_probs(rl[node][None], [p])[0],
-                    children, tree_tokens[row], s.generator,
-                )
-            emitted = [tree_tokens[row][i] for i in path[1:]] + [bonus]
-            temp = params.temperature or 1.0
-            lp = torch.log_softmax(logits[row, path].float() / temp, dim=-1)
-            logprobs = lp.gather(-1, torch.tensor(emitted, device=lp.device)[:, None]).squeeze(-1).tolist()
-            results.append((RowResult(emitted, logprobs, len(path) - 1), path))
+        for row, (s, st, n) in enumerate(zip(seqs, states, lengths)):
+            for i, node in enumerate(paths[row][1:n], start=1):
+                if node != i:
+                    moves[0].append(row)
+                    moves[1].append(s.cache_len + node)
+                    moves[2].append(s.cache_len + i)
+            st.pending.append(path_feats[row, :n])
+            s.cache_len += n
+            if not s.params.greedy:
+                s.uniforms.consume(n)
+            results.append(RowResult(tokens[row][:n], logprobs[row][:n], n - 1))
+        if moves[0]:
+            self.target_cache.copy_positions(*(torch.tensor(m, device=logits.device) for m in moves))
         return results
-
-    def _commit(self, seqs: list, states: list[SpecState], results: list[tuple[RowResult, list[int]]],
-                tree: DraftTree, feats: torch.Tensor) -> None:
-        device = self.target.device
-        for row, (s, st, (_, path)) in enumerate(zip(seqs, states, results)):
-            if len(path) > 1:
-                src = torch.tensor(path[1:], device=device) + s.cache_len
-                dst = torch.arange(1, len(path), device=device) + s.cache_len
-                self.target_cache.copy_positions(row, src, dst)
-            st.pending.append(feats[row, path])
-            s.cache_len += len(path)

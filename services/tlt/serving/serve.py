@@ -99,7 +99,7 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
         version = _wait_for_version(store, DRAFTER_KIND, DRAFTER_WAIT_S)
         directory = store.fetch(DRAFTER_KIND, version, Path(spec.output_dir) / "cache" / opts.name / "drafter",
                                 link=True)  # only read (by load_drafter)
-        drafter = load_drafter(directory, model).to(model.dtype).eval()
+        drafter = load_drafter(directory, model)
         if spec.drafter.online_training:
             if not opts.drafter:
                 raise ConfigError("drafter.online_training is on: give the drafter service address with --drafter "

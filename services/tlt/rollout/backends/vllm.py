@@ -127,7 +127,7 @@ def schedule_for_spec(sd: SpeculativeSpec, max_running: int) -> tuple[int, Sched
 def schedule_from_tuner(tuner: BegMabTuner, max_running: int, default_k: int,
                         max_k: int | None = None) -> tuple[int, Schedule]:
     """A static vLLM schedule from what BEG-MAB learned (e.g. on the native engine): each bucket gets the
-    chain depth of its best arm by median tokens/s (``off``: K = 0; a bucket without samples: ``default_k``),
+    chain depth of its best arm by mean tokens/s (``off``: K = 0; a bucket without samples: ``default_k``),
     at most ``max_k``; batches above ``sd_batch_threshold`` get K = 0. Returns ``(max K, schedule)``.
 
     A tree strategy's depth is an upper bound for a chain, not its like for like: a chain keeps one
