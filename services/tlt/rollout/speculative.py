@@ -114,6 +114,7 @@ class Acceptance:
     paths: torch.Tensor  # [B, max_depth + 1] tree nodes; entries past a row's length are padding
     lengths: torch.Tensor  # [B]
     tokens: torch.Tensor  # [B, max_depth + 1]; entries past a row's length are padding
+    last: torch.Tensor  # [B] the node where each path ends (its draw is the bonus token)
 
 
 class SpecState:
@@ -161,7 +162,7 @@ def accept_tree(tree: DraftTree, drawn: torch.Tensor) -> Acceptance:
     last = paths.gather(1, (lengths - 1)[:, None])
     tokens = torch.cat([tree.tokens.gather(1, paths[:, 1:]), torch.zeros_like(last)], dim=1)
     tokens.scatter_(1, (lengths - 1)[:, None], drawn.gather(1, last))
-    return Acceptance(paths, lengths, tokens)
+    return Acceptance(paths, lengths, tokens, last.squeeze(1))
 
 
 def residual_tokens(probs: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
@@ -388,7 +389,7 @@ class SpeculativeDecoder:
             drawn[index] = sample_from_probs(probs.view(-1, vocab), at_node).view(len(sampled), n)
         accepted = accept_tree(tree, drawn)
         if sampled:
-            last_of = accepted.paths.gather(1, (accepted.lengths - 1)[:, None])[index, 0]
+            last_of = accepted.last[index]
             bonus = residual_tokens(probs[torch.arange(len(sampled)), last_of], drawn[index, last_of])
             accepted.tokens[index, accepted.lengths[index] - 1] = bonus
         return accepted
