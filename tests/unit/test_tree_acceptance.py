@@ -16,7 +16,6 @@ def _random_tree(rows: int, generator: torch.Generator, vocab: int = 6, num_veri
     root = torch.randint(vocab, (rows,), generator=generator)
     tokens, scores, parents = [], [], []
     front_ids = torch.arange(1, topk + 1)[None].expand(rows, -1)
-    front_scores = torch.zeros(rows, topk)
     first = torch.stack([torch.randperm(vocab, generator=generator)[:topk] for _ in range(rows)])
     tokens.append(first)
     scores.append(-torch.rand(rows, topk, generator=generator))

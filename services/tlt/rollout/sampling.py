@@ -127,6 +127,15 @@ def sample_tokens(
         row_params = [params[i] for i in sampled]
         uniforms = torch.cat([streams[i].take() for i in sampled])
         tokens[sampled] = sample_from_probs(processed_probs(rows, row_params), uniforms.to(logits.device))
+    return tokens, token_logprobs(logits, params, tokens[:, None]).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probs of ``tokens`` [B, T] under row ``b``'s temperature-scaled distribution (the raw one for greedy
+    rows), given ``logits`` [B, V] (shared by the row's tokens) or [B, T, V] (one distribution per token)."""
     temps = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=logits.device)
-    logprobs = torch.log_softmax(logits.float() / temps[:, None], dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    scaled = logits.float() / temps.view(-1, *[1] * (logits.dim() - 1))
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if logprobs.dim() == 2:
+        logprobs = logprobs[:, None, :].expand(-1, tokens.shape[1], -1)
+    return logprobs.gather(-1, tokens[:, :, None]).squeeze(-1)

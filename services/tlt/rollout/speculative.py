@@ -30,7 +30,7 @@ import torch
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.kv_cache import StaticKVCache
 from tlt.models.transformer import CausalLM, ForwardOutput, _attention_mask
-from tlt.rollout.sampling import processed_probs, sample_from_probs
+from tlt.rollout.sampling import processed_probs, sample_from_probs, token_logprobs
 from tlt.rollout.tuner import SpecStrategy
 
 
@@ -398,10 +398,8 @@ class SpeculativeDecoder:
                 feats: torch.Tensor) -> list[RowResult]:
         """Move the accepted paths' K/V into place, keep their features for the drafter, consume the sampled
         rows' uniforms, and return each row's tokens with their log-probs."""
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], dtype=torch.float32, device=logits.device)
         path_logits = logits.gather(1, accepted.paths[:, :, None].expand(-1, -1, logits.shape[-1]))
-        logprobs = torch.log_softmax(path_logits.float() / temps[:, None, None], dim=-1)
-        logprobs = logprobs.gather(-1, accepted.tokens[:, :, None]).squeeze(-1).tolist()
+        logprobs = token_logprobs(path_logits, [s.params for s in seqs], accepted.tokens).tolist()
         path_feats = feats.gather(1, accepted.paths[:, :, None].expand(-1, -1, feats.shape[-1]))
         lengths, paths, tokens = accepted.lengths.tolist(), accepted.paths.tolist(), accepted.tokens.tolist()
         moves: tuple[list[int], list[int], list[int]] = ([], [], [])  # slot, source, destination
