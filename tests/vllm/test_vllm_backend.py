@@ -197,5 +197,8 @@ def test_policy_reload_matches_a_fresh_engine(sd_engine, prompts, demo_model_dir
     finally:
         fresh_engine.close()
     print(f"after policy reload: acceptance {acceptance:.3f}, fresh engine on the new weights {fresh_acceptance:.3f}")
-    assert [o.token_ids for o in after] == [o.token_ids for o in fresh]
+    # A stale cache or stale weights change the 4 prefix-cached prompts or >= 3 outputs (the perturbation
+    # above); bf16 near-ties in the demo model may part one greedy path (1 of 12 on a 2026-11-28 build)
+    parted = [i for i, (a, f) in enumerate(zip(after, fresh)) if a.token_ids != f.token_ids]
+    assert len(parted) <= 1, parted
     assert acceptance == pytest.approx(fresh_acceptance, rel=0.05)  # the drafter still works on the new policy
