@@ -308,11 +308,11 @@ class SpeculativeDecoder:
         front_ids = torch.arange(1, k + 1, device=device)[None, :].expand(b, k)
         front_tokens, front_scores = node_tokens[0], top_lp
         front_hidden = h_root[:, None, :].expand(b, k, -1)
-        front_anc = torch.zeros(b, k, max(scratch, 1), dtype=torch.bool, device=device)
+        width = max(scratch, 1)
+        front_anc = torch.zeros(b, k, width, dtype=torch.bool, device=device)
         next_id = k + 1
         # Scratch K/V of draft step s's frontier sit at base + (s-1)*k .. base + s*k - 1; what each query may
         # see there changes per step, the rest of the mask does not.
-        width = max(scratch, 1)
         key_len = int(base.max()) + scratch
         rel = torch.arange(key_len, device=device)[None, :] - base[:, None]  # [B, key_len]
         in_scratch = ((rel >= 0) & (rel < scratch))[:, None, :]
