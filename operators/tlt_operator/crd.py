@@ -156,7 +156,7 @@ def dataclass_schema(cls: type, path: str = "", used: set[str] | None = None) ->
     Defaulting then means what :func:`tlt.specparse.from_dict` does: a section given in part gets the
     class defaults for its missing fields; a missing section gets the parent's default for that field,
     which is ``{}`` (then the class defaults) or, where the parent's default differs from the class
-    defaults (``trainer.grpo``), that whole default object.
+    defaults, that whole default object.
     """
     used = set() if used is None else used
     instance = cls()

@@ -142,7 +142,7 @@ class TrainerSpec:
     """
 
     workers: int = 1
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(lr=5e-5, mini_batch_size=128))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def __post_init__(self) -> None:
         _require(self.workers >= 1, f"workers must be >= 1, got {self.workers}")

@@ -131,7 +131,7 @@ def test_no_unknown_fields_anywhere_in_spec_job():
 @pytest.mark.parametrize("job", [
     {},
     {"trainer": {}},
-    {"trainer": {"grpo": {"lr": 1e-6}}},  # a partial grpo section gets GRPOConfig's own defaults
+    {"trainer": {"grpo": {"lr": 1e-6}}},  # a partial grpo section keeps the other defaults
     {"rollout": {"workers": 5, "speculative": {"mode": "off"}}, "data": {"eval_temperature": 0.0}},
     {"drafter": {"batch_size": 32, "buffer_responses": 64}, "store": {"uri": "s3://b/p"}},
 ])

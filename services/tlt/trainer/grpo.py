@@ -31,9 +31,12 @@ class GRPOConfig:
     (0: the whole batch is one update); ``micro_batch_tokens`` is the padded-token budget of one
     forward/backward, gradients of the micro-batches are accumulated. A single sample longer than the
     budget gets a micro-batch of its own.
+
+    The defaults are the job's (``tlt run``, RLJob), tuned for the small demo model: two updates per step
+    of 256 samples; real models want lr around 1e-6.
     """
 
-    lr: float = 1e-5
+    lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -44,7 +47,7 @@ class GRPOConfig:
     norm_adv_by_std: bool = True
     loss_agg: LossAgg = "token-mean"
     ppo_epochs: int = 1
-    mini_batch_size: int = 0
+    mini_batch_size: int = 128
     micro_batch_tokens: int = 4096
     bf16_autocast: bool = True
     seed: int = 0
