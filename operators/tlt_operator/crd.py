@@ -154,9 +154,8 @@ def dataclass_schema(cls: type, path: str = "", used: set[str] | None = None) ->
     """The structural schema of dataclass ``cls``, with the defaults of ``cls()``.
 
     Defaulting then means what :func:`tlt.specparse.from_dict` does: a section given in part gets the
-    class defaults for its missing fields; a missing section gets the parent's default for that field,
-    which is ``{}`` (then the class defaults) or, where the parent's default differs from the class
-    defaults, that whole default object.
+    class defaults for its missing fields, a missing section ``{}`` and then the class defaults. A section
+    whose default differs from its class defaults is refused (a partial section would lose it).
     """
     used = set() if used is None else used
     instance = cls()
@@ -178,8 +177,11 @@ def dataclass_schema(cls: type, path: str = "", used: set[str] | None = None) ->
 def _field_schema(tp: Any, default: Any, path: str, used: set[str]) -> dict[str, Any]:
     schema = _type_schema(tp, path, used)
     if dataclasses.is_dataclass(tp):
-        # {}: the API server then fills in every nested default
-        schema["default"] = {} if default == tp() else to_dict(default)
+        if default != tp():
+            # The API server fills a partial section from the field schemas (the class defaults), so a
+            # section default of its own would be lost as soon as one of its fields is set.
+            raise TypeError(f"{path}: a section's default must be its class defaults; put them in {tp.__name__}")
+        schema["default"] = {}  # the API server then fills in every nested default
     elif default is not None:
         schema["default"] = to_dict(default)
     return schema

@@ -15,6 +15,7 @@ import pytest
 from tests.k8s.chart_helpers import CRD_FILE, KUBE_VERSION
 from tlt.config import JobSpec, job_spec_from_dict
 from tlt.errors import ConfigError
+from tlt.trainer.grpo import GRPOConfig
 from tlt_operator import crd as crdmod
 from tlt_operator.crd import BOUNDS, PATTERNS, RULES, Bound, default_rljob, job_schema, rljob_errors
 
@@ -142,6 +143,18 @@ def test_api_server_defaulting_keeps_the_meaning(job):
     assert not rljob_errors(rljob(stored))
     if not job:  # every field is stored, except the nullable ones whose default is null
         assert stored == _drop_none(JobSpec().to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class _SectionWithOwnDefault:
+    grpo: GRPOConfig = dataclasses.field(default_factory=lambda: GRPOConfig(lr=1e-3))
+
+
+def test_a_section_default_other_than_its_class_defaults_is_refused():
+    """The API server fills a partial section from the field defaults: a section default of its own would be
+    lost once any of its fields is set (trainer.grpo's mini-batch size was, until its defaults moved)."""
+    with pytest.raises(TypeError, match=r"trainer\.grpo: a section's default must be its class defaults"):
+        crdmod.dataclass_schema(_SectionWithOwnDefault, "trainer", set())
 
 
 def _drop_none(value: Any) -> Any:
