@@ -137,7 +137,7 @@ class DrafterSpec:
 class TrainerSpec:
     """Policy training: GRPO settings and the number of data-parallel workers.
 
-    The default GRPO settings (lr 5e-5, two optimizer updates per step) are tuned for the small demo
+    The default GRPO settings (lr 1e-5, two optimizer updates per step) are set for the small demo
     model; real models want lr around 1e-6.
     """
 

@@ -66,8 +66,8 @@ def test_yaml_1_1_quirks_are_understood(tmp_path):
 def test_a_partial_section_keeps_the_other_defaults():
     # `--set trainer.grpo.lr=...` used to reset the job's mini-batches of 128 to one update a step.
     default = JobSpec().trainer.grpo
-    assert (default.lr, default.mini_batch_size) == (5e-5, 128)
-    spec = job_spec_from_dict(apply_overrides({}, {"trainer.grpo.lr": 1e-5}))
-    assert spec.trainer.grpo == dataclasses.replace(default, lr=1e-5)
+    assert (default.lr, default.mini_batch_size) == (1e-5, 128)
+    spec = job_spec_from_dict(apply_overrides({}, {"trainer.grpo.lr": 2e-5}))
+    assert spec.trainer.grpo == dataclasses.replace(default, lr=2e-5)
     spec = job_spec_from_dict({"trainer": {"workers": 2, "grpo": {"ppo_epochs": 2}}})
     assert spec.trainer.workers == 2 and spec.trainer.grpo == dataclasses.replace(default, ppo_epochs=2)

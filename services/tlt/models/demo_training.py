@@ -50,7 +50,9 @@ class TrainConfig:
 
     steps: int = 900
     batch_tokens: int = 3072  # padded tokens per batch
-    lr: float = 2e-3
+    # 2e-3 built models that had not learned to copy step k's operation from the prompt (9.5% greedy on
+    # one machine); 5e-4 learns it within the same 900 steps (69.5% greedy, same machine and seed).
+    lr: float = 5e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 40
     weight_decay: float = 0.01

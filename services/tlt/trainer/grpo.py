@@ -36,7 +36,10 @@ class GRPOConfig:
     of 256 samples; real models want lr around 1e-6.
     """
 
-    lr: float = 5e-5
+    # 5e-5 improved a weak (8%) demo build in 4 steps but lowers the 60% build's held-out reward (0.63 ->
+    # 0.58, as much as shuffled advantages do: its policy gradient is mostly noise at 256 samples a step);
+    # 1e-5 keeps it (0.63 -> 0.62).
+    lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
