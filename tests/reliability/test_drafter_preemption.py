@@ -34,7 +34,10 @@ from tlt.store import ArtifactStore
 
 START_TIMEOUT_S = 120.0
 HELD_OUT_SEED = 6  # prompts and sampling seeds the spot workers never train on
-NOISE = 0.15  # accepted tokens per draft: how much acceptance on the same held-out set moves by chance
+# Accepted tokens per draft: how much acceptance on the same held-out set moves by chance between rounds.
+# 0.15 held at acceptance ~2.5; with the 60-70% demo builds acceptance reaches ~3.7 and moved 3.75 -> 3.59
+# between two good rounds (the second trains on the same 32 responses again).
+NOISE = 0.25
 
 
 @contextlib.contextmanager
@@ -114,7 +117,8 @@ def test_preempted_spot_processes_never_tear_a_version_and_acceptance_rises_and_
                 assert worker.until("start version=") == f"start version={before}"  # resumes from the newest
                 worker.until("pushed steps=")
                 time.sleep(rng.uniform(0.0, 2.0))  # preempted at a random moment, often mid push interval
-                sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
+                # alternating, so both kinds happen however few workers the pushes take (each round has one)
+                sig = (signal.SIGTERM, signal.SIGKILL)[len(kills) % 2]
                 kills.append(sig)
                 worker.proc.send_signal(sig)
                 worker.proc.wait(60)
