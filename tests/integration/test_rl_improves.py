@@ -1,4 +1,4 @@
-"""A few GRPO steps of the whole TLT loop improve the held-out reward of the demo policy."""
+"""A few GRPO steps of the whole TLT loop improve the held-out reward of a weak demo policy and keep a strong one."""
 
 from __future__ import annotations
 
