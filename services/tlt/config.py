@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from tlt.errors import ConfigError
+from tlt.rollout.tuner import DEFAULT_STRATEGIES, SpecStrategy
 from tlt.specparse import from_dict, to_dict
 from tlt.trainer.grpo import GRPOConfig
 
@@ -64,11 +65,9 @@ class SpeculativeSpec:
     mode: SpecMode = "adaptive"
     strategy: str = "3_2_6"
     sd_batch_threshold: int = 32
-    strategies: tuple[str, ...] = ("2_1_3", "3_2_6", "4_2_8")
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
 
     def __post_init__(self) -> None:
-        from tlt.rollout.tuner import SpecStrategy
-
         for name in (self.strategy, *self.strategies):
             try:
                 SpecStrategy.parse(name)

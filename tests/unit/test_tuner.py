@@ -7,10 +7,16 @@ import random
 
 import pytest
 
+from tlt.config import SpeculativeSpec
 from tlt.errors import ConfigError
 from tlt.rollout.tuner import OFF, BegMabTuner, SpecStrategy, TunerConfig
 
-DEFAULT_NAMES = ["8_4_32", "6_2_12", "4_2_8", "4_1_5", "3_1_4"]
+ARM_NAMES = ["8_4_32", "6_2_12", "4_2_8", "4_1_5", "3_1_4"]  # the arms of MEANS, in exploration order
+
+
+def config(**kwargs) -> TunerConfig:
+    """A TunerConfig over the five strategies of MEANS."""
+    return TunerConfig(strategies=ARM_NAMES, **kwargs)
 
 
 def _pull(tuner: BegMabTuner, batch_size: int, means: dict[str, float], rng: random.Random, sd: float = 30.0) -> str:
@@ -80,7 +86,8 @@ def test_bad_config_raises_config_error(kwargs: dict, message: str) -> None:
 
 def test_default_config() -> None:
     cfg = TunerConfig()
-    assert [s.name for s in cfg.strategies] == DEFAULT_NAMES
+    assert [s.name for s in cfg.strategies] == ["2_1_3", "3_2_6", "4_2_8"]
+    assert tuple(s.name for s in cfg.strategies) == SpeculativeSpec().strategies  # one default for both
     assert TunerConfig(strategies=["3_1_4"]).strategies == [SpecStrategy(3, 1, 4)]
 
 
@@ -110,31 +117,31 @@ def test_bucket_mapping(batch: int, bucket: int) -> None:
 
 
 def test_every_arm_tried_once_in_order_before_exploiting() -> None:
-    tuner = BegMabTuner(TunerConfig(epsilon=0.0))
+    tuner = BegMabTuner(config(epsilon=0.0))
     rng = random.Random(0)
     tried = [_pull(tuner, 4, MEANS, rng, sd=0.0) for _ in range(6)]
-    assert tried == [*DEFAULT_NAMES, OFF]
+    assert tried == [*ARM_NAMES, OFF]
     assert tuner.choose(4).name == "4_2_8"  # then pure exploitation of the best mean
     # An unrecorded choice does not count as tried; another bucket starts from scratch.
-    fresh = BegMabTuner(TunerConfig(epsilon=0.0))
+    fresh = BegMabTuner(config(epsilon=0.0))
     assert [fresh.choose(4).name for _ in range(3)] == ["8_4_32"] * 3
     assert tuner.choose(20).name == "8_4_32"
 
 
 def test_sd_off_arm_wins_when_plain_decoding_is_fastest() -> None:
     means = {**MEANS, OFF: 500.0}
-    tuner = BegMabTuner(TunerConfig(epsilon=0.0))
+    tuner = BegMabTuner(config(epsilon=0.0))
     rng = random.Random(1)
     for _ in range(6):
         _pull(tuner, 2, means, rng, sd=0.0)
     assert tuner.choose(2) is None
     assert tuner.summary()["2"]["best"] == OFF
-    no_off = BegMabTuner(TunerConfig(epsilon=0.0, allow_sd_off_arm=False))
+    no_off = BegMabTuner(config(epsilon=0.0, allow_sd_off_arm=False))
     assert [_pull(no_off, 2, means, rng, sd=0.0) for _ in range(8)].count(OFF) == 0
 
 
 def test_converges_to_best_arm_under_noise() -> None:
-    tuner = BegMabTuner(TunerConfig(epsilon=0.1, seed=3))
+    tuner = BegMabTuner(config(epsilon=0.1, seed=3))
     rng = random.Random(42)
     picks = [_pull(tuner, 4, MEANS, rng) for _ in range(500)]
     assert picks[-200:].count("4_2_8") >= 160
@@ -156,17 +163,17 @@ def test_skewed_sd_rewards_are_scored_by_their_mean() -> None:
 
 
 def test_oom_guard_limits_tree_size() -> None:
-    tuner = BegMabTuner(TunerConfig(max_verify_tokens=128, epsilon=0.5))
+    tuner = BegMabTuner(config(max_verify_tokens=128, epsilon=0.5))
     rng = random.Random(0)
     picks = {_pull(tuner, 16, MEANS, rng) for _ in range(200)}
     assert picks == {"4_2_8", "4_1_5", "3_1_4", OFF}  # 12 * 16 and 32 * 16 exceed 128
     # Nothing fits: the smallest strategy is the only candidate.
-    tight = BegMabTuner(TunerConfig(max_verify_tokens=16, allow_sd_off_arm=False, epsilon=1.0))
+    tight = BegMabTuner(config(max_verify_tokens=16, allow_sd_off_arm=False, epsilon=1.0))
     assert {tight.choose(8).name for _ in range(20)} == {"3_1_4"}
 
 
 def test_record_validation_and_degenerate_timing() -> None:
-    tuner = BegMabTuner()
+    tuner = BegMabTuner(config())
     with pytest.raises(ValueError, match="not one of"):
         tuner.record(1, SpecStrategy(2, 1, 3), 3, 1.0)
     with pytest.raises(ValueError, match="tokens"):
@@ -182,7 +189,7 @@ def _drive(tuner: BegMabTuner, rng: random.Random, n: int) -> list[str]:
 
 
 def test_export_load_roundtrip_continues_identically() -> None:
-    cfg = TunerConfig(seed=7, window=20)
+    cfg = config(seed=7, window=20)
     a = BegMabTuner(cfg)
     _drive(a, random.Random(5), 150)
     state = json.loads(json.dumps(a.export_state()))
@@ -193,10 +200,10 @@ def test_export_load_roundtrip_continues_identically() -> None:
 
 
 def test_load_state_truncates_to_smaller_window() -> None:
-    a = BegMabTuner(TunerConfig(window=50))
+    a = BegMabTuner(config(window=50))
     for t in range(10):
         a.record_plain(1, t, 1.0)
-    b = BegMabTuner.from_state(TunerConfig(window=3), a.export_state())
+    b = BegMabTuner.from_state(config(window=3), a.export_state())
     assert b.export_state()["buckets"]["1"][OFF] == {"rewards": [7.0, 8.0, 9.0], "pulls": 10}
 
 
@@ -212,7 +219,7 @@ def test_load_state_truncates_to_smaller_window() -> None:
     (lambda s: s.update(small_streak=-1), "state.small_streak"),
 ])
 def test_load_state_rejects_corrupt_state(mutate, key: str) -> None:
-    tuner = BegMabTuner()
+    tuner = BegMabTuner(config())
     tuner.record_plain(1, 10, 1.0)
     before = tuner.export_state()
     state = json.loads(json.dumps(before))
