@@ -81,12 +81,9 @@ class DecoderLayer(nn.Module):
             v_cache[rows, :, cols] = v.transpose(1, 2)
             k = k_cache[slots, :, :key_len]
             v = v_cache[slots, :, :key_len]
-        if t == 1 and mask is not None:
-            attn = _single_query_attention(q, k, v, mask)
-        else:
-            attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
-            )
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
+        )
         x = x + F.linear(attn.transpose(1, 2).reshape(b, t, cfg.q_size), self.o_weight)
         h = rms_norm(x, self.post_attention_norm, cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
@@ -188,23 +185,6 @@ class CausalLM(nn.Module):
         if last_index is not None:
             x = x[torch.arange(b, device=device), last_index]
         return ForwardOutput(F.linear(x, self.lm_head), hidden)
-
-
-def _single_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Attention for one new token per row, as two batched GEMVs.
-
-    On CPU this is 2-3x faster than SDPA's flash kernel for q_len=1 (measured at B=64). The query
-    heads that share a KV head are stacked so K/V are read once per KV head (GQA).
-    """
-    b, heads, _, dim = q.shape
-    kv_heads, key_len = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    scores = torch.matmul(q.view(b, kv_heads, group, dim), k.transpose(-1, -2)) * dim**-0.5
-    scores = scores.masked_fill(~mask.view(b, 1, 1, key_len), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).view(b, heads, 1, dim)
 
 
 def _attention_mask(
