@@ -57,6 +57,37 @@ def peaky_model_dir(tmp_path_factory) -> Path:
     return _save_random(tmp_path_factory.mktemp("peaky"), "qwen2", 0.2, num_attention_heads=4, num_key_value_heads=2)
 
 
+def random_prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` seeded prompts of 2-11 tokens drawn from ids ``3..vocab-1`` (clear of pad, bos and eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def peaky_target(peaky_model_dir):
+    """The peaky model loaded in fp32."""
+    from tlt.models import load_model
+
+    return load_model(peaky_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def peaky_drafter(peaky_target):
+    """A drafter briefly trained on the peaky target's own greedy continuations, so drafts get accepted."""
+    from tlt.drafter.warmup import DrafterTrainConfig, Example, new_drafter, train_drafter
+    from tlt.rollout.engine import RolloutEngine
+    from tlt.rollout.sampling import SamplingParams
+
+    prompts = random_prompts(peaky_target.config.vocab_size, 48, seed=11)
+    outs = RolloutEngine(peaky_target).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40,
+                                                                        ignore_eos=True))
+    d = new_drafter(peaky_target, seed=0)
+    train_drafter(peaky_target, d, [Example(p, o.token_ids) for p, o in zip(prompts, outs)],
+                  DrafterTrainConfig(steps=80, batch_size=12, lr=3e-3, warmup_steps=5))
+    return d
+
+
 # The demo model and drafter (built by the README's install step, cached under TLT_HOME).
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tlt.rollout.speculative as speculative
+from tests.conftest import random_prompts as _prompts
 from tlt.drafter.warmup import DrafterTrainConfig, Example, new_drafter, train_drafter
 from tlt.models import load_model
 from tlt.models.drafter_io import load_drafter, save_drafter
@@ -24,27 +25,14 @@ def fixed_tuner(name: str) -> BegMabTuner:
                                    allow_sd_off_arm=False))
 
 
-def _prompts(vocab: int, count: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(count)]
+@pytest.fixture(scope="module")
+def target(peaky_target):
+    return peaky_target
 
 
 @pytest.fixture(scope="module")
-def target(peaky_model_dir):
-    return load_model(peaky_model_dir, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def drafter(target):
-    """A drafter briefly trained on the target's own greedy continuations, so drafts get accepted."""
-    prompts = _prompts(target.config.vocab_size, 48, seed=11)
-    outs = RolloutEngine(target).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40,
-                                                                  ignore_eos=True))
-    examples = [Example(p, o.token_ids) for p, o in zip(prompts, outs)]
-    d = new_drafter(target, seed=0)
-    train_drafter(target, d, examples, DrafterTrainConfig(steps=80, batch_size=12, lr=3e-3, warmup_steps=5))
-    return d
+def drafter(peaky_drafter):
+    return peaky_drafter
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -22,6 +22,7 @@ import torch
 from tlt.errors import InvalidRequestError
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
+from tlt.rollout.cuda_graphs import GraphedForward
 from tlt.rollout.sampling import SamplingParams, UniformStream, sample_tokens
 from tlt.rollout.speculative import SpecDecodeStats, SpecState, SpeculativeDecoder
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
@@ -166,6 +167,9 @@ class RolloutEngine(StepLoop):
         compile: ``torch.compile`` the decode, tree-verification and drafter forwards (dynamic shapes,
             inductor; vLLM's CPU backend compiles its model the same way). Prefill stays eager. Call
             :meth:`warm_up` before serving, so that graphs are compiled then and not mid-rollout.
+        cuda_graphs: replay CUDA graphs of the decode and verification forwards (see
+            :mod:`tlt.rollout.cuda_graphs`), captured here. None (default): on when the model is on a CUDA
+            device and ``compile`` is off. True on a CPU model runs the same static shapes eagerly (for tests).
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class RolloutEngine(StepLoop):
         drafter: Eagle3Drafter | None = None,
         tuner: BegMabTuner | None = None,
         compile: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if max_running < 1:
             raise InvalidRequestError(f"engine.max_running must be >= 1, got {max_running}")
@@ -201,7 +206,19 @@ class RolloutEngine(StepLoop):
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.cache = model.new_cache(max_running, self.max_seq_len + cache_headroom)
-        self._target_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda" and not compile
+        if cuda_graphs and compile:
+            raise InvalidRequestError("engine: choose one of compile and cuda_graphs, not both")
+        self.graphs: GraphedForward | None = None
+        if cuda_graphs:
+            self.graphs = GraphedForward(
+                model, self.cache, drafter.config.aux_layer_ids if drafter is not None else (), max_running,
+                verify_widths=[st.num_verify for st in strategies],
+                max_verify_batch=self.tuner.config.sd_batch_threshold if self.tuner else 0,
+                capture=model.device.type == "cuda")
+        self._target_forward = (self.graphs if self.graphs is not None else
+                                torch.compile(model.forward, dynamic=True) if compile else model.forward)
         self.spec = None
         if drafter is not None:
             self.spec = SpeculativeDecoder(model, drafter, self.cache, max_running,
