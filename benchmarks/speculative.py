@@ -12,6 +12,7 @@ starts the timed run on the same prompts as the other arms.
 
     python benchmarks/speculative.py            # 64 prompts, up to 768 new tokens
     python benchmarks/speculative.py --quick    # 24 prompts, up to 384 new tokens
+    python benchmarks/speculative.py --device cuda   # on a GPU, engines with CUDA graphs
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--strategy", default="4_2_8", help="fixed strategy of the SD-always arm")
     ap.add_argument("--threshold", type=int, default=32, help="adaptive arm: SD off above this batch size")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda every engine replays CUDA graphs)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds over all arms (interleaved, each engine fresh); the median wall time is reported")
@@ -55,7 +57,7 @@ def main() -> None:
     work = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed,
                               model_dir=args.model, drafter_dir=args.drafter)
     model_dir, drafter_dir, prompts, params = work.model_dir, work.drafter_dir, work.prompts, work.sampling_params()
-    target = load_model(model_dir, dtype=args.dtype)
+    target = load_model(model_dir, dtype=args.dtype, device=args.device)
     drafter = load_drafter(drafter_dir, target)
 
     arms = {
@@ -73,7 +75,8 @@ def main() -> None:
                                          previous_step_bandit(target, drafter, n_prompts, max_new, args))),
     }
     RolloutEngine(target, max_running=4).generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up
-    print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} threads={torch.get_num_threads()}")
+    print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} device={args.device} "
+          f"threads={torch.get_num_threads()}")
     print(f"prompts={n_prompts} (all admitted at once) temperature={args.temperature} max_new_tokens={max_new}")
     walls: dict[str, list[float]] = {name: [] for name in arms}
     results = {}
