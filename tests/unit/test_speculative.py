@@ -218,6 +218,7 @@ def test_compiled_drafter_warm_up_covers_one_token_catch_ups(target, drafter):
     from torch._dynamo.utils import counters
 
     from tlt.models.transformer import _attention_mask
+    from tlt.rollout.speculative import _last_query_mask
 
     engine = RolloutEngine(target, max_running=4, drafter=drafter,
                            tuner=BegMabTuner(TunerConfig(strategies=["3_1_4"])), compile=True)
@@ -230,7 +231,40 @@ def test_compiled_drafter_warm_up_covers_one_token_catch_ups(target, drafter):
             starts = torch.full((rows,), start)
             cols = starts[:, None] + torch.arange(tokens)[None, :]
             feats = torch.randn(rows, tokens, width).to(drafter.fc.dtype)
-            spec._drafter_forward(torch.ones(rows, tokens, dtype=torch.long), drafter.fuse(feats), cols,
-                                  spec.drafter_cache, 0, cols, start + tokens,
+            ids = torch.ones(rows, tokens, dtype=torch.long)
+            spec._drafter_forward(ids, drafter.fuse(feats), cols, spec.drafter_cache, 0, cols, start + tokens,
                                   _attention_mask(starts, tokens, start + tokens, None))
+            last = torch.full((rows,), tokens - 1)
+            spec._drafter_forward(ids, drafter.fuse(feats), cols, spec.drafter_cache, 0, cols, start + tokens,
+                                  _last_query_mask(starts + last, start + tokens), last)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_catch_up_forward_at_the_last_token_equals_the_full_forward(drafter):
+    """A catch-up computes attention, MLP and head only at each row's last token: its outputs and the K/V it
+    writes equal those of the full forward over every token."""
+    from tlt.models.transformer import _attention_mask
+    from tlt.rollout.speculative import _last_query_mask
+
+    g = torch.Generator().manual_seed(5)
+    starts, counts, width = torch.tensor([0, 4, 9]), torch.tensor([6, 1, 3]), 6
+    cols = starts[:, None] + torch.arange(width)[None, :]
+    key_len = int(starts.max()) + width
+    feats = torch.randn(3, width, 3 * drafter.config.target_hidden_size, generator=g)
+    ids = torch.randint(3, drafter.config.target_vocab_size, (3, width), generator=g)
+    caches = [drafter.new_cache(3, 32) for _ in range(2)]
+    for cache in caches:  # the same earlier context in both
+        cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=torch.Generator().manual_seed(1)))
+        cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=torch.Generator().manual_seed(2)))
+    last = counts - 1
+    with torch.inference_mode():
+        hidden = drafter.fuse(feats)
+        full = drafter.forward_cached(ids, hidden, cols, caches[0], 0, cols, key_len,
+                                      _attention_mask(starts, width, key_len, None))
+        one = drafter.forward_cached(ids, hidden, cols, caches[1], 0, cols, key_len,
+                                     _last_query_mask(starts + last, key_len), last)
+    rows = torch.arange(3)
+    assert one.logits.shape[:2] == (3, 1)
+    torch.testing.assert_close(one.logits[:, 0], full.logits[rows, last], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one.hidden[:, 0], full.hidden[rows, last], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0], caches[1].values[0])

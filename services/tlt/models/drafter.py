@@ -228,10 +228,13 @@ class Eagle3Drafter(nn.Module):
 
     def forward_cached(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                        cache: StaticKVCache, slot_offset: int, write_cols: torch.Tensor, key_len: int,
-                       mask: torch.Tensor) -> DrafterOutput:
+                       mask: torch.Tensor, query_index: torch.Tensor | None = None) -> DrafterOutput:
         """Inference step: write K/V at ``write_cols`` [B, T] of the rows' slots, attend under ``mask``.
 
-        ``mask`` is a boolean ``[B, 1, T, key_len]`` over cache positions.
+        ``mask`` is a boolean ``[B, 1, T, key_len]`` over cache positions. With ``query_index`` [B] (a
+        catch-up, where only each row's last output is used) K/V are still written for every token, but
+        attention, MLP and head run only at token ``query_index[b]`` of each row, under a ``[B, 1, 1, key_len]``
+        mask, and the output has one token per row: a one-layer drafter's K/V depend on its input alone.
         """
         b, t = tokens.shape
         q, k, v = self.qkv(tokens, hidden, positions)
@@ -241,6 +244,10 @@ class Eagle3Drafter(nn.Module):
         v_cache[rows, :, write_cols] = v.transpose(1, 2)
         keys = k_cache[slot_offset:slot_offset + b, :, :key_len]
         values = v_cache[slot_offset:slot_offset + b, :, :key_len]
+        if query_index is not None:
+            batch = torch.arange(b, device=tokens.device)
+            q = q[batch, :, query_index].unsqueeze(2)
+            hidden = hidden[batch, query_index].unsqueeze(1)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.finish(attn, hidden)
 

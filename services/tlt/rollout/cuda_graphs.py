@@ -63,15 +63,17 @@ class _StaticCall:
         if capture:
             # Warm-up on a side stream first (lazy initialisation must not be captured); it writes K/V only
             # into slots 0..batch-1 at positions 0..width-1, which hold nothing before the first request.
-            stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph, pool=pool):
-                self._output = run()
+            # Inference mode: no autograd state is recorded into the graph or kept alive by its outputs.
+            with torch.inference_mode():
+                stream = torch.cuda.Stream(device=device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        run()
+                torch.cuda.current_stream(device).wait_stream(stream)
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph, pool=pool):
+                    self._output = run()
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:

@@ -175,6 +175,12 @@ def residual_tokens(probs: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
     return drawn
 
 
+def _last_query_mask(last_cols: torch.Tensor, key_len: int) -> torch.Tensor:
+    """``[B, 1, 1, key_len]``: the one query of each row (at cache column ``last_cols[b]``) sees the columns up
+    to its own."""
+    return (torch.arange(key_len, device=last_cols.device)[None, :] <= last_cols[:, None])[:, None, None, :]
+
+
 def _distinct_contiguous_args(fn: Callable) -> Callable:
     """``fn`` with its positional tensors contiguous and distinct: a compiled function guards on strides and
     aliasing, and the drafter gets expanded (stride-0) views and one tensor twice in some calls, each of which
@@ -215,9 +221,10 @@ class SpeculativeDecoder:
     def warm_up_drafter(self) -> None:
         """Call the drafter's forward once per shape class a rollout can give it: 1 or more rows, 1 or more
         tokens (a catch-up after nothing was accepted is one token wide), starting at cache position 0 or
-        later. Generation alone need not reach every class (a good drafter has nothing rejected in a short
-        warm-up), and a compiled drafter would then compile the missing graph mid-rollout. Writes only
-        scratch K/V into idle drafter cache slots."""
+        later, as a draft step and as a catch-up (output at one token per row). Generation alone need not
+        reach every class (a good drafter has nothing rejected in a short warm-up), and a compiled drafter
+        would then compile the missing graph mid-rollout. Writes only scratch K/V into idle drafter cache
+        slots."""
         device = self.target.device
         width = len(self.aux_layers) * self.drafter.config.target_hidden_size
         for rows in range(1, min(2, self.drafter_cache.keys[0].shape[0]) + 1):
@@ -229,6 +236,9 @@ class SpeculativeDecoder:
                     ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
                     self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
                                           start + tokens, _attention_mask(starts, tokens, start + tokens, None))
+                    last = torch.full((rows,), tokens - 1, device=device)
+                    self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                          start + tokens, _last_query_mask(starts + last, start + tokens), last)
 
     # ---- feature capture --------------------------------------------------------------------
 
@@ -282,15 +292,13 @@ class SpeculativeDecoder:
         starts = torch.tensor([st.drafter_len for st in states], device=device)
         cols = starts[:, None] + torch.arange(width, device=device)[None, :]
         key_len = int(starts.max()) + width
-        mask = _attention_mask(starts, width, key_len, None)
-        out = self._drafter_forward(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
-                                          key_len, mask)
         last = torch.tensor(counts, device=device) - 1
-        rows = torch.arange(b, device=device)
+        out = self._drafter_forward(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                    key_len, _last_query_mask(starts + last, key_len), last)
         for st, n in zip(states, counts):
             st.drafter_len += n
             st.pending.clear()
-        return out.hidden[rows, last], out.logits[rows, last]
+        return out.hidden[:, 0], out.logits[:, 0]
 
     def _draft(self, seqs: list, h_root: torch.Tensor, logits_root: torch.Tensor, strategy: SpecStrategy
                ) -> DraftTree:
