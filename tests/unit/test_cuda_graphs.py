@@ -109,10 +109,11 @@ def test_engine_with_static_shapes_equals_eager_engine(peaky_target, peaky_draft
     and every decode and verification goes through a static shape."""
     prompts = random_prompts(peaky_target.config.vocab_size, 11, seed=21)
     params = [SamplingParams(temperature=0.0, max_new_tokens=6 + 4 * i, ignore_eos=True) for i in range(11)]
-    spec = {} if strategy is None else {"drafter": peaky_drafter, "tuner": fixed_tuner(strategy)}
-    eager = RolloutEngine(peaky_target, max_running=7, cuda_graphs=False, **spec)
-    spec = {} if strategy is None else {"drafter": peaky_drafter, "tuner": fixed_tuner(strategy)}
-    graphed = RolloutEngine(peaky_target, max_running=7, cuda_graphs=True, **spec)
+    def engine(cuda_graphs):
+        spec = {} if strategy is None else {"drafter": peaky_drafter, "tuner": fixed_tuner(strategy)}
+        return RolloutEngine(peaky_target, max_running=7, cuda_graphs=cuda_graphs, **spec)
+
+    eager, graphed = engine(False), engine(True)
     assert eager.graphs is None and graphed.graphs is not None
     assert _engine_outputs(graphed, prompts, params) == _engine_outputs(eager, prompts, params)
     assert graphed.graphs.graph_calls > 0 and graphed.graphs.eager_calls == 0
