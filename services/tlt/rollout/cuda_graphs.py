@@ -46,7 +46,6 @@ class _StaticCall:
     def __init__(self, forward: Callable[..., ForwardOutput], cache: StaticKVCache, batch: int, width: int,
                  hidden_layers: tuple[int, ...], device: torch.device,
                  pool: tuple[int, int] | None, capture: bool) -> None:
-        self.batch, self.width = batch, width
         self.input_ids = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.cache_lens = torch.zeros(batch, dtype=torch.long, device=device)
