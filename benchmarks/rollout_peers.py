@@ -25,6 +25,13 @@ memory is the highest proportional set size (PSS, so pages shared between proces
 summed over the arm's process tree (vLLM: the front end and its engine-core and worker processes),
 sampled every 0.5 s from the engine start to the end of the timed steps.
 
+``--rounds R`` repeats the whole comparison R times, interleaved: each round starts every arm's process
+anew, in the opposite order to the round before (so a slow spell of the machine, which lasts minutes and
+swings one arm's wall time up to 2x, does not fall on one arm). Ratios are then the median over rounds of
+the round's own ratio (paired, as ``speculative.py`` does), and the table counts the rounds in which an
+arm was slower than the baseline; wall time, acceptance and start time are medians, peak memory the
+highest of any round. ``vllm-schedule`` takes the schedule from the latest ``tlt-adaptive`` run.
+
 The vLLM arms need the ``vllm`` extra (run this in ``.venv-vllm``, README "vLLM backend"); without it
 they are skipped and the ratios against vLLM are not printed. vLLM's CPU default pins its engine
 to all cores but one, which it keeps for the scheduler; on a 2-core machine that leaves it one, so by
@@ -32,6 +39,7 @@ default this gives vLLM every core (``--vllm-cpus all``; ``auto`` keeps vLLM's o
 
     python benchmarks/rollout_peers.py            # 3 steps x 64 prompts, up to 768 new tokens
     python benchmarks/rollout_peers.py --quick    # 2 steps x 16 prompts, up to 256 new tokens
+    python benchmarks/rollout_peers.py --rounds 3 # the comparison 3 times, interleaved; paired median ratios
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=None,
                     help="rollout steps, each on new prompts (default 3, --quick 2); the bandit learns across them")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the comparison this many times, arms interleaved; ratios are paired medians")
     ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
     ap.add_argument("--threshold", type=int, default=32, help="SD off above this many running requests")
     ap.add_argument("--eager", action="store_true",
@@ -346,6 +356,8 @@ def main() -> int:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
     if "vllm-schedule" in arms and "tlt-adaptive" not in arms:
         raise SystemExit("--arms: vllm-schedule needs tlt-adaptive (its schedule comes from that arm's bandit)")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: must be at least 1 (got {args.rounds})")
     if not _have_vllm() and any(a in VLLM_ARMS for a in arms):
         print("vLLM is not installed here: skipping the vLLM arms (install the vllm extra, README 'vLLM backend')")
         arms = [a for a in arms if a not in VLLM_ARMS]
@@ -366,36 +378,81 @@ def main() -> int:
           f"vllm_cpus={args.vllm_cpus}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
           f"max_new_tokens={max_new} K={args.k} threshold={args.threshold} "
-          f"engines={'eager' if args.eager else 'compiled'}")
+          f"engines={'eager' if args.eager else 'compiled'} rounds={args.rounds}")
 
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in (a for a in ARMS if a in arms and a not in VLLM_ARMS):
-            results.update(_in_subprocess([arm], cfg, Path(tmp)))
-            if arm == "tlt-adaptive":
-                cfg["tuner_state"] = results[arm]["tuner_state"]
-        vllm_arms = [a for a in VLLM_ARMS if a in arms]
-        if vllm_arms:
-            results.update(_in_subprocess(vllm_arms, cfg, Path(tmp)))
-    print_report(results, args)
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+        rounds.append(run_round(arms, cfg, reverse=r % 2 == 1))
+    print_report(rounds, args)
     return 0
 
 
-def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+def run_round(arms: list[str], cfg: dict, reverse: bool) -> dict[str, dict[str, Any]]:
+    """Every arm once, each family in its own process, in ``ARMS`` order or (``reverse``) the opposite.
+
+    ``cfg["tuner_state"]`` is updated by each tlt-adaptive run: vllm-schedule derives its schedule from it."""
+    families = [[arm] for arm in ARMS if arm in arms and arm not in VLLM_ARMS]
+    vllm_arms = [arm for arm in VLLM_ARMS if arm in arms]
+    if vllm_arms:
+        families.append(vllm_arms)
+    if reverse:
+        families.reverse()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in families:
+            results.update(_in_subprocess(family, cfg, Path(tmp)))
+            if "tlt-adaptive" in family:
+                cfg["tuner_state"] = results["tlt-adaptive"]["tuner_state"]
+    return results
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]], base_arm: str) -> dict[str, dict[str, Any]]:
+    """Per arm over the rounds: median wall, start and acceptance, highest peak memory, and the ratios of the
+    baseline's wall time to the arm's within each round (paired: a slow spell slows a round's arms alike)."""
+    summary = {}
+    for arm in rounds[0]:
+        runs = [r[arm] for r in rounds]
+        summary[arm] = {
+            "wall_s": statistics.median(run["wall_s"] for run in runs),
+            "walls": runs[0]["walls"] if len(runs) == 1 else [run["wall_s"] for run in runs],
+            "ratios": [r[base_arm]["wall_s"] / r[arm]["wall_s"] for r in rounds],
+            "tok_s": statistics.median(sum(map(len, run["tokens"])) / run["wall_s"] for run in runs),
+            "tokens": runs[0]["tokens"],
+            "accept_len": _median_or_none([run["accept_len"] for run in runs]),
+            "peak_mb": max(run["peak_mb"] for run in runs),
+            "start_s": statistics.median(run["start_s"] for run in runs),
+        }
+    return summary
+
+
+def print_report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace) -> None:
     """The table of arms, the bandit's choices, the schedule vLLM got and the RESULT line."""
-    order = [a for a in ARMS if a in results]
-    base_arm = BASELINE if BASELINE in results else order[0]
-    base = results[base_arm]["wall_s"]
+    last = rounds[-1]
+    order = [a for a in ARMS if a in last]
+    base_arm = BASELINE if BASELINE in last else order[0]
+    results = summarize(rounds, base_arm)
     lengths = sorted(len(t) for t in results[order[0]]["tokens"])
     print(f"response lengths ({order[0]}): median {statistics.median(lengths):.0f}, "
           f"p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}, total {sum(lengths)}")
-    if "tlt-adaptive" in results:
-        print(f"tlt-adaptive bandit, best arm per batch-size bucket: {results['tlt-adaptive']['tuner_best']}")
-    if "vllm-schedule" in results:
-        sched = results["vllm-schedule"]
+    if "tlt-adaptive" in last:
+        print(f"tlt-adaptive bandit, best arm per batch-size bucket (last round): {last['tlt-adaptive']['tuner_best']}")
+    if "vllm-schedule" in last:
+        sched = last["vllm-schedule"]
         print(f"vllm-schedule: K={sched['k']}, (first, last, K) = {sched['schedule']}")
-    print(f"{'arm':<14} | {'wall s':>7} | {'per step s':>14} | {'vs ' + base_arm:>12} | {'tok/s':>7} | {'tokens':>6} | "
-          f"{'accept len':>10} | {'peak MB':>7} | {'start s':>7} | same tokens as")
+    n = len(rounds)
+    if n > 1:
+        print(f"{n} interleaved rounds: wall s, tok/s, accept len and start s are medians, vs {base_arm} the median "
+              f"of the per-round ratios, peak MB the highest; 'per round s' lists each round's wall time")
+    spread_head = "per step s" if n == 1 else "per round s"
+    print(f"{'arm':<14} | {'wall s':>7} | {spread_head:>14} | {'vs ' + base_arm:>12} | {'slower rounds':>13} | "
+          f"{'tok/s':>7} | {'tokens':>6} | {'accept len':>10} | {'peak MB':>7} | {'start s':>7} | same tokens as")
     for arm in order:
         r = results[arm]
         total = sum(len(t) for t in r["tokens"])
@@ -404,17 +461,21 @@ def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -
                 if twin and twin != arm and twin in results else "")
         accept = f"{r['accept_len']:.2f}" if r["accept_len"] is not None else "-"
         spread = "/".join(f"{w:.1f}" for w in r["walls"])
-        print(f"{arm:<14} | {r['wall_s']:>7.2f} | {spread:>14} | {base / r['wall_s']:>11.2f}x | "
-              f"{total / r['wall_s']:>7.1f} | {total:>6} | {accept:>10} | {r['peak_mb']:>7.0f} | "
+        slower = "-" if arm == base_arm else f"{sum(x < 1 for x in r['ratios'])}/{n}"
+        print(f"{arm:<14} | {r['wall_s']:>7.2f} | {spread:>14} | {statistics.median(r['ratios']):>11.2f}x | "
+              f"{slower:>13} | {r['tok_s']:>7.1f} | {total:>6} | {accept:>10} | {r['peak_mb']:>7.0f} | "
               f"{r['start_s']:>7.1f} | {same}")
-    fields = [f"speedup_{arm.replace('-', '_')}={base / results[arm]['wall_s']:.2f}" for arm in order
+    fields = [f"speedup_{arm.replace('-', '_')}={statistics.median(results[arm]['ratios']):.2f}" for arm in order
               if arm != base_arm]
-    if "tlt-adaptive" in results and "vllm-eagle3" in results:
-        fields.append(f"tlt_vs_vllm_eagle3={results['vllm-eagle3']['wall_s'] / results['tlt-adaptive']['wall_s']:.2f}")
+    if "tlt-adaptive" in last and "vllm-eagle3" in last:
+        versus = [r["vllm-eagle3"]["wall_s"] / r["tlt-adaptive"]["wall_s"] for r in rounds]
+        fields.append(f"tlt_vs_vllm_eagle3={statistics.median(versus):.2f}")
+        if n > 1:
+            print("tlt-adaptive vs vllm-eagle3 per round: " + " ".join(f"{v:.2f}" for v in versus))
     for arm in order:
         if results[arm]["accept_len"] is not None:
             fields.append(f"accept_len_{arm.replace('-', '_')}={results[arm]['accept_len']:.2f}")
-    print(f"RESULT baseline={base_arm} " + " ".join(fields))
+    print(f"RESULT baseline={base_arm} rounds={n} " + " ".join(fields))
 
 
 if __name__ == "__main__":

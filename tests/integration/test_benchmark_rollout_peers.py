@@ -3,6 +3,7 @@ table, the bandit's choices and the RESULT line (the vLLM arms are in ``tests/vl
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -33,16 +34,49 @@ def test_native_and_transformers_arms(demo_model_dir, demo_drafter_dir):
     assert not [line for line in out.splitlines() if line.startswith("vllm")]
     result = out.strip().splitlines()[-1]
     # no vLLM arm ran: the first arm is the baseline and the others are ratios against it
-    assert re.fullmatch(r"RESULT baseline=tlt-adaptive speedup_tlt_plain=\d+\.\d\d speedup_hf=\d+\.\d\d "
+    assert re.fullmatch(r"RESULT baseline=tlt-adaptive rounds=1 speedup_tlt_plain=\d+\.\d\d speedup_hf=\d+\.\d\d "
                         r"accept_len_tlt_adaptive=\d+\.\d\d", result), result
     adaptive, plain, hf = (table_row(out, arm) for arm in ("tlt-adaptive", "tlt-plain", "hf"))
     for row in (adaptive, plain, hf):
-        wall, steps, tokens, peak_mb = float(row[1]), row[2].split("/"), int(row[5]), float(row[7])
+        wall, steps, tokens, peak_mb = float(row[1]), row[2].split("/"), int(row[6]), float(row[8])
         assert wall > 0 and len(steps) == 2 and abs(sum(map(float, steps)) - wall) < 0.15
         assert 0 < tokens <= 2 * 4 * 24 and 50 < peak_mb < 8000
-    assert float(adaptive[6]) >= 1.0 and plain[6] == "-" and hf[6] == "-"  # acceptance only where SD ran
-    assert re.fullmatch(r"tlt-plain \d+%", adaptive[9])  # share of responses identical to plain decoding's
+    assert float(adaptive[7]) >= 1.0 and plain[7] == "-" and hf[7] == "-"  # acceptance only where SD ran
+    assert adaptive[4] == "-" and plain[4] in ("0/1", "1/1")  # rounds slower than the baseline
+    assert re.fullmatch(r"tlt-plain \d+%", adaptive[10])  # share of responses identical to plain decoding's
     assert "tlt-adaptive bandit, best arm per batch-size bucket" in out
+
+
+def test_interleaved_rounds_report_paired_ratios(demo_model_dir, demo_drafter_dir):
+    out = run_benchmark("--arms", "tlt-adaptive,tlt-plain", "--rounds", "2")
+    order = re.findall(r"running (tlt-\w+)", out)
+    assert order == ["tlt-adaptive", "tlt-plain", "tlt-plain", "tlt-adaptive"], out  # second round reversed
+    assert "per round s" in out
+    plain = table_row(out, "tlt-plain")
+    per_round = [float(w) for w in plain[2].split("/")]
+    assert len(per_round) == 2 and plain[4] in ("0/2", "1/2", "2/2")
+    assert re.search(r"RESULT baseline=tlt-adaptive rounds=2 speedup_tlt_plain=\d+\.\d\d ", out)
+
+
+def test_paired_ratios_are_medians_within_rounds():
+    peers = load_script()
+    run = {"tokens": [[1, 2], [3]], "accept_len": None, "peak_mb": 100.0, "start_s": 1.0, "walls": [0.0]}
+    # the baseline is slow in round 1: per-round ratios 2.0, 1.0 and 1.5 (median 1.5), though the median
+    # wall times alone (2.0 vs 2.0) would say 1.0
+    walls = [(4.0, 2.0), (1.0, 1.0), (3.0, 2.0)]
+    rounds = [{"vllm": {**run, "wall_s": base}, "tlt-plain": {**run, "wall_s": arm, "peak_mb": 100.0 + i}}
+              for i, (base, arm) in enumerate(walls)]
+    summary = peers.summarize(rounds, "vllm")["tlt-plain"]
+    assert summary["ratios"] == [2.0, 1.0, 1.5] and summary["wall_s"] == 2.0
+    assert summary["walls"] == [2.0, 1.0, 2.0] and summary["peak_mb"] == 102.0 and summary["tok_s"] == 1.5
+
+
+def load_script():
+    """The benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("rollout_peers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bad_arm_names_are_refused():
@@ -52,3 +86,5 @@ def test_bad_arm_names_are_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--arms", "vllm-schedule"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and "vllm-schedule needs tlt-adaptive" in done.stderr
+    done = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--rounds: must be at least 1" in done.stderr

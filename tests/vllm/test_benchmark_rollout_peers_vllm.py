@@ -16,12 +16,12 @@ from tests.integration.test_benchmark_rollout_peers import run_benchmark, table_
 def test_vllm_arms_against_the_vllm_baseline(demo_model_dir, demo_drafter_dir):
     out = run_benchmark("--arms", "tlt-adaptive,vllm,vllm-schedule", "--k", "2")
     result = out.strip().splitlines()[-1]
-    assert re.fullmatch(r"RESULT baseline=vllm speedup_tlt_adaptive=\d+\.\d\d speedup_vllm_schedule=\d+\.\d\d "
+    assert re.fullmatch(r"RESULT baseline=vllm rounds=1 speedup_tlt_adaptive=\d+\.\d\d speedup_vllm_schedule=\d+\.\d\d "
                         r"accept_len_tlt_adaptive=\d+\.\d\d accept_len_vllm_schedule=\d+\.\d\d", result), result
     schedule = re.search(r"vllm-schedule: K=(\d), \(first, last, K\) = (.*)", out)
     assert schedule and int(schedule[1]) <= 2, out  # K capped at --k
     ranges = json.loads(schedule[2])
     assert ranges[0][0] == 1 and ranges[-1][1] == 4 and all(0 <= k <= 2 for _, _, k in ranges)
     vllm, sched = table_row(out, "vllm"), table_row(out, "vllm-schedule")
-    assert vllm[3] == "1.00x" and vllm[6] == "-" and float(sched[6]) >= 1.0
-    assert float(vllm[7]) > 500  # the peak counts vLLM's engine-core and worker processes too
+    assert vllm[3] == "1.00x" and vllm[4] == "-" and vllm[7] == "-" and float(sched[7]) >= 1.0
+    assert float(vllm[8]) > 500  # the peak counts vLLM's engine-core and worker processes too
