@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tlt.drafter.aggregator import DrafterAggregator, trainable_state
-from tlt.drafter.spot import SpotDrafterTrainer
+from tlt.drafter.spot import MICRO_BATCH, SpotDrafterTrainer
 from tlt.drafter.warmup import new_drafter
 from tlt.errors import InvalidRequestError
 from tlt.models.loader import load_model
@@ -114,25 +114,84 @@ def test_spot_trainer_pushes_every_n_and_on_preemption(target):
     assert sum(t for _, t in pushes) == report.tokens
 
 
-def test_spot_trainer_stops_promptly_when_preempted(target):
-    template = new_drafter(target, seed=0)
-    pushes = []
-    spot = SpotDrafterTrainer(target, template, lambda d, t: pushes.append(t), lr=1e-3, batch_size=4,
-                              push_every=100, ttt_steps=2)
-    for prompt, response in _examples(target):
-        spot.add_response(prompt, response)
+def _stop_on_call(n: int):
+    """A ``should_stop`` that turns true on its ``n``-th call and stays true."""
     stop = threading.Event()
     calls = {"n": 0}
 
     def should_stop():
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             stop.set()
         return stop.is_set()
+    return should_stop
 
-    report = spot.train(should_stop)
+
+def test_spot_trainer_stops_promptly_when_preempted(target):
+    template = new_drafter(target, seed=0)
+    pushes = []
+    spot = SpotDrafterTrainer(target, template, lambda d, t: pushes.append(t), lr=1e-3, batch_size=2,
+                              push_every=100, ttt_steps=2)
+    for prompt, response in _examples(target):
+        spot.add_response(prompt, response)
+    report = spot.train(_stop_on_call(3))  # one micro-batch a step: checked once per step
     assert report.preempted and report.steps == 2
     assert pushes == [report.tokens]  # the unpushed work went out on preemption
+
+
+def test_preemption_mid_step_waits_one_micro_batch_and_keeps_what_ran(target):
+    template = new_drafter(target, seed=0)
+    pushes, forwards = [], []
+    spot = SpotDrafterTrainer(target, template, lambda d, t: pushes.append(t), lr=1e-3, batch_size=4 * MICRO_BATCH,
+                              push_every=100, ttt_steps=2)
+    for prompt, response in _examples(target, n=4 * MICRO_BATCH):
+        spot.add_response(prompt, response)
+    spot.start_from(trainable_state(template))
+    spot.target = lambda *args, **kwargs: forwards.append(1) or target(*args, **kwargs)
+    report = spot.train(_stop_on_call(3))  # before the step, then before micro-batches 2 and 3
+    assert report.preempted and report.steps == 1 and len(forwards) == 2
+    # the step went through on the two micro-batches that ran: their tokens, pushed on the way out
+    assert pushes == [report.tokens] and 0 < report.tokens < spot_tokens(target, template, 4 * MICRO_BATCH)
+    assert report.last_loss is None  # a part-step reports no loss over the batch
+    start = trainable_state(template)
+    assert any(not torch.equal(start[n], v) for n, v in trainable_state(spot.drafter).items())
+
+
+def spot_tokens(target, template, n: int) -> int:
+    """Tokens one uninterrupted step on the first ``n`` examples trains on."""
+    spot = SpotDrafterTrainer(target, template, lambda d, t: None, lr=1e-3, batch_size=n, push_every=100,
+                              ttt_steps=2)
+    for prompt, response in _examples(target, n=n):
+        spot.add_response(prompt, response)
+    return spot.train(lambda: False, max_steps=1).tokens
+
+
+def test_a_micro_batched_step_has_the_whole_batch_gradient(target):
+    from tlt.drafter.trainer import eagle3_loss, target_batch
+    from tlt.drafter.warmup import Example, collate
+
+    template = new_drafter(target, seed=0)
+    # responses of different lengths, so micro-batches pad differently from the whole batch
+    data = [(p, r[:4 + 3 * i]) for i, (p, r) in enumerate(_examples(target, n=3 * MICRO_BATCH + 1))]
+    spot = SpotDrafterTrainer(target, template, lambda d, t: None, lr=1e-3, batch_size=len(data), push_every=100,
+                              ttt_steps=3)
+    for prompt, response in data:
+        spot.add_response(prompt, response)
+    spot.start_from(trainable_state(template))
+    report = spot.train(lambda: False, max_steps=1)
+
+    reference = template.copy_for(target).float()
+    ids, mask = collate([Example(p, r) for p, r in data], 1024)
+    whole = eagle3_loss(reference, target_batch(target, ids, mask, reference.config.aux_layer_ids), steps=3)
+    whole.loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    assert report.tokens == whole.tokens
+    assert report.last_loss == pytest.approx(float(whole.loss.detach()), rel=1e-5)
+    assert report.last_accuracy == pytest.approx(whole.step_accuracy, abs=1e-6)
+    grads = dict(spot.drafter.named_parameters())
+    for name, param in reference.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name].grad, param.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_training_on_responses_lowers_the_loss_through_the_aggregator(target):

@@ -4,8 +4,10 @@ The worker keeps the responses it finished in this step. When the planner gives 
 :meth:`SpotDrafterTrainer.train` starts from the newest published drafter, recomputes the target's
 hidden states by prefill with the policy the worker already holds (no hidden states cross the network),
 trains with the EAGLE-3 loss and pushes its weight delta every ``push_every`` steps and when stopped.
-``should_stop`` is checked before every step, so preemption waits for at most one optimizer step, and
-the work since the last push is pushed on the way out.
+A step runs in micro-batches of ``MICRO_BATCH`` responses (gradients accumulated, losses normalised over
+the whole batch, so the step is the same as one over the batch) and ``should_stop`` is checked before
+each: preemption waits for at most one micro-batch, applies the step to the micro-batches that ran, and
+pushes the work since the last push on the way out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 import torch
 
 from tlt.drafter.aggregator import trainable_state
-from tlt.drafter.trainer import eagle3_loss, target_batch
+from tlt.drafter.trainer import eagle3_loss, step_valid_counts, target_batch
 from tlt.drafter.warmup import Example, collate
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.transformer import CausalLM
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 AGGREGATOR_AWAY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # worth keeping the work for
 
 PushFn = Callable[[dict[str, torch.Tensor], int], None]
+# Responses per micro-batch: the preemption latency. With whole steps (8 responses: target prefill and 4
+# unrolled drafter steps, forward and backward) the drafter role outlasted the rollout by 0.1-2.5 s
+# (benchmarks/e2e.py, role spans), and the RL step waited for it.
+MICRO_BATCH = 2
 
 
 @dataclass
@@ -101,7 +107,8 @@ class SpotDrafterTrainer:
             while not should_stop():
                 if max_steps is not None and report.steps >= max_steps:
                     break
-                self._train_step(report)
+                if not self._train_step(report, should_stop):
+                    break
                 if report.steps % self.push_every == 0:
                     self._push(report)
             report.preempted = max_steps is None or report.steps < max_steps
@@ -111,20 +118,41 @@ class SpotDrafterTrainer:
             report.seconds = time.perf_counter() - start
         return report
 
-    def _train_step(self, report: SpotReport) -> None:
+    def _train_step(self, report: SpotReport, should_stop: Callable[[], bool]) -> bool:
+        """One optimizer step on a sampled batch, in micro-batches with a stop check between them. Stopped
+        part-way, the step is applied to the micro-batches that ran (as a step on those responses alone) and
+        False is returned."""
         examples = self._rng.sample(list(self.buffer), min(self.batch_size, len(self.buffer)))
-        ids, mask = collate(examples, self.max_len)
-        batch = target_batch(self.target, ids, mask, self.drafter.config.aux_layer_ids)
-        loss = eagle3_loss(self.drafter, batch, steps=self.ttt_steps)
+        counts = step_valid_counts(collate(examples, self.max_len)[1], self.ttt_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.loss.backward()
+        loss, accuracy, tokens, done = 0.0, [0.0] * self.ttt_steps, 0, 0
+        stopped = False
+        for first in range(0, len(examples), MICRO_BATCH):
+            if first and should_stop():
+                stopped = True
+                break
+            ids, mask = collate(examples[first:first + MICRO_BATCH], self.max_len)
+            batch = target_batch(self.target, ids, mask, self.drafter.config.aux_layer_ids)
+            part = eagle3_loss(self.drafter, batch, steps=self.ttt_steps, counts=counts)
+            part.loss.backward()
+            loss += float(part.loss.detach())
+            accuracy = [a + b for a, b in zip(accuracy, part.step_accuracy)]
+            tokens += part.tokens
+            done += sum(step_valid_counts(mask, self.ttt_steps))
+        if stopped and done:
+            # the gradient is normalised over the whole batch: scale it to the entries that ran
+            for param in self.drafter.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(sum(counts) / done)
         torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
         self.optimizer.step()
         report.steps += 1
-        report.tokens += loss.tokens
-        report.last_loss = float(loss.loss.detach())
-        report.last_accuracy = loss.step_accuracy
-        self._unpushed_tokens += loss.tokens
+        report.tokens += tokens
+        if not stopped:  # a part-step's loss and agreement are over a part of the batch: keep the last full ones
+            report.last_loss = loss
+            report.last_accuracy = accuracy
+        self._unpushed_tokens += tokens
+        return not stopped
 
     def _push(self, report: SpotReport) -> None:
         if self._unpushed_tokens == 0:

@@ -13,6 +13,7 @@ would see at inference: step-0 entries at positions ``<= j-k`` and the step-``i`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,17 +52,34 @@ class LossReport:
     tokens: int
 
 
-def eagle3_loss(drafter: Eagle3Drafter, batch: TargetBatch, steps: int = 4, decay: float = 0.8) -> LossReport:
-    """Unrolled EAGLE-3 loss (soft cross-entropy against the target distribution) over ``steps``."""
+def _entry_valid(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1]: entry j predicts x_{j+2}, so it counts where that token exists and is in the loss mask."""
+    b, t = loss_mask.shape
+    valid = torch.zeros(b, t - 1, dtype=torch.bool, device=loss_mask.device)
+    valid[:, : t - 2] = loss_mask[:, 2:]
+    return valid
+
+
+def step_valid_counts(loss_mask: torch.Tensor, steps: int) -> list[int]:
+    """Per unrolled step, how many entries :func:`eagle3_loss` averages over for this (collated) mask."""
+    valid = _entry_valid(loss_mask)
+    return [int(valid[:, k:].sum()) for k in range(steps)]
+
+
+def eagle3_loss(drafter: Eagle3Drafter, batch: TargetBatch, steps: int = 4, decay: float = 0.8,
+                counts: Sequence[int] | None = None) -> LossReport:
+    """Unrolled EAGLE-3 loss (soft cross-entropy against the target distribution) over ``steps``.
+
+    ``counts``: per-step denominators (default: this batch's own). A batch split into micro-batches passes
+    the whole batch's (:func:`step_valid_counts` of its mask), so that the micro-batches' losses,
+    gradients and agreements add up to the whole batch's."""
     ids, feats, logits = batch.input_ids, batch.features, batch.logits
     b, t = ids.shape
     n = t - 1  # entries j = 0..T-2
     device = ids.device
     tokens = ids[:, 1:]
     positions = torch.arange(n, device=device)[None].expand(b, n)
-    # Entry j predicts x_{j+2}: valid where that token exists and is in the loss mask.
-    valid = torch.zeros(b, n, dtype=torch.bool, device=device)
-    valid[:, : n - 1] = batch.loss_mask[:, 2:]
+    valid = _entry_valid(batch.loss_mask)
     target_p = torch.softmax(logits[:, 1:].float(), dim=-1)[..., drafter.draft_to_target]
     target_p = target_p / target_p.sum(-1, keepdim=True).clamp_min(1e-9)
     target_top = target_p.argmax(-1)
@@ -86,7 +104,7 @@ def eagle3_loss(drafter: Eagle3Drafter, batch: TargetBatch, steps: int = 4, deca
         step_valid = valid & (j[None, :] >= k)
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         per_token = -(target_p * logp).sum(-1)
-        count = step_valid.sum().clamp_min(1)
+        count = step_valid.sum().clamp_min(1) if counts is None else max(counts[k], 1)
         step_loss = (per_token * step_valid).sum() / count
         total = total + decay**k * step_loss
         step_losses.append(float(step_loss.detach()))
