@@ -99,6 +99,7 @@ class Controller:
         self.supervisor = supervisor
         self.inproc = services is None
         self.step = 0
+        self._run_s = 0.0  # this run's own time: its steps and final evaluation, not the time between calls
         self._trainer_checkpoint: Path | None = None  # the committed one (see committed_trainer_checkpoint)
         self.active: list = []
         self.failed_workers: list[str] = []
@@ -148,29 +149,46 @@ class Controller:
 
     def run(self) -> list[dict]:
         """Run the remaining steps; returns the JSONL records written for them."""
-        log_path = self.out_dir / "steps.jsonl"
         records = []
         try:
-            if self.step == 0:
-                baseline = self.evaluate()
-                self._append(log_path, {"event": "start", "config": self.spec.to_dict(),
-                                        "baseline_heldout_reward": baseline})
-            start = time.perf_counter()
-            while self.step < self.spec.steps:
-                record = self.run_step()
-                self._append(log_path, record)
-                records.append(record)
-            final = self.evaluate()
-            self._append(log_path, {"event": "end", "total_s": time.perf_counter() - start,
-                                    "final_heldout_reward": final})
-            self.status["phase"] = "done"
+            self.begin()
+            while not self.done:
+                records.append(self.run_step())
+            self.finish()
         finally:
             self.close()
         return records
 
+    @property
+    def done(self) -> bool:
+        """Whether every step of the job has run."""
+        return self.step >= self.spec.steps
+
+    def begin(self) -> None:
+        """Start (or resume) the run: a fresh job first logs its config and the starting policy's held-out
+        reward. ``run`` is ``begin``, ``run_step`` until ``done``, ``finish``; callers that interleave
+        several jobs (``benchmarks/e2e.py``) call them one by one."""
+        if self.step == 0:
+            baseline = self.evaluate()
+            self._append(self._log_path, {"event": "start", "config": self.spec.to_dict(),
+                                          "baseline_heldout_reward": baseline})
+        self._run_s = 0.0
+
+    def finish(self) -> None:
+        """Log the final held-out reward and the run's total time; the job is done."""
+        start = time.perf_counter()
+        final = self.evaluate()
+        self._run_s += time.perf_counter() - start
+        self._append(self._log_path, {"event": "end", "total_s": self._run_s, "final_heldout_reward": final})
+        self.status["phase"] = "done"
+
+    @property
+    def _log_path(self) -> Path:
+        return self.out_dir / "steps.jsonl"
+
     def _recover_step_record(self, record: dict | None) -> None:
-        """Log the committed step's record if the crash came before ``run`` wrote it (its timings are lost)."""
-        log_path = self.out_dir / "steps.jsonl"
+        """Log the committed step's record if the crash came before ``run_step`` wrote it (its timings are lost)."""
+        log_path = self._log_path
         if record is None or record.get("step") != self.step:
             return
         logged = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
@@ -185,7 +203,7 @@ class Controller:
             f.write(json.dumps(record) + "\n")
 
     def run_step(self) -> dict:
-        """One RL step; returns its log record."""
+        """One RL step, logged; returns its log record."""
         spec = self.spec
         step = self.step + 1
         t0 = time.perf_counter()
@@ -223,6 +241,8 @@ class Controller:
                                       "train": t2 - t1, "publish": t3 - t2})
         if spec.data.eval_every and step % spec.data.eval_every == 0 and step < spec.steps:
             record["heldout_reward"] = self.evaluate()
+        self._append(self._log_path, record)
+        self._run_s += time.perf_counter() - t0
         self.on_event({"event": "step_end", "step": step, "record": record})
         return record
 
