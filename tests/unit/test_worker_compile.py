@@ -26,7 +26,7 @@ def test_rollout_compile_compiles_the_engine_when_the_worker_starts(compile_, pe
     worker = RolloutWorker("w", model, spec, new_drafter(model, seed=0), ArtifactStore(tmp_path / "store"))
     assert worker.engine.spec is not None  # adaptive SD: the drafter's forward is compiled too
     if compile_:
-        assert sorted(compiled) == ["forward", "forward_cached"] and len(warmed) == 1
+        assert sorted(compiled) == ["forward", "forward_cached", "forward_cached_last"] and len(warmed) == 1
         prompt = warmed[0][0]
         assert prompt and all(0 <= t < model.config.vocab_size for t in prompt)
     else:

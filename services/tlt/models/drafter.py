@@ -228,28 +228,42 @@ class Eagle3Drafter(nn.Module):
 
     def forward_cached(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                        cache: StaticKVCache, slot_offset: int, write_cols: torch.Tensor, key_len: int,
-                       mask: torch.Tensor, query_index: torch.Tensor | None = None) -> DrafterOutput:
+                       mask: torch.Tensor) -> DrafterOutput:
         """Inference step: write K/V at ``write_cols`` [B, T] of the rows' slots, attend under ``mask``.
 
-        ``mask`` is a boolean ``[B, 1, T, key_len]`` over cache positions. With ``query_index`` [B] (a
-        catch-up, where only each row's last output is used) K/V are still written for every token, but
-        attention, MLP and head run only at token ``query_index[b]`` of each row, under a ``[B, 1, 1, key_len]``
-        mask, and the output has one token per row: a one-layer drafter's K/V depend on its input alone.
+        ``mask`` is a boolean ``[B, 1, T, key_len]`` over cache positions.
         """
+        q, keys, values = self._write_kv(tokens, hidden, positions, cache, slot_offset, write_cols, key_len)
+        return self.finish(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True), hidden)
+
+    def forward_cached_last(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                            cache: StaticKVCache, slot_offset: int, write_cols: torch.Tensor, key_len: int,
+                            mask: torch.Tensor, query_index: torch.Tensor) -> DrafterOutput:
+        """A catch-up, where only each row's last output is used: like :meth:`forward_cached`, K/V are written
+        for every token, but attention, MLP and head run only at token ``query_index[b]`` [B] of each row, under
+        a ``[B, 1, 1, key_len]`` mask, and the output has one token per row (a one-layer drafter's K/V depend on
+        its input alone).
+        """
+        # A method of its own, not an option of forward_cached: torch.compile keeps its graphs (and their
+        # recompile limit) per code object, and the two calls' shape classes together would pass that limit.
+        q, keys, values = self._write_kv(tokens, hidden, positions, cache, slot_offset, write_cols, key_len)
+        batch = torch.arange(tokens.shape[0], device=tokens.device)
+        q = q[batch, :, query_index].unsqueeze(2)
+        hidden = hidden[batch, query_index].unsqueeze(1)
+        return self.finish(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True), hidden)
+
+    def _write_kv(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  cache: StaticKVCache, slot_offset: int, write_cols: torch.Tensor, key_len: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries of the tokens, and the rows' cached keys and values up to ``key_len`` with theirs written."""
         b, t = tokens.shape
         q, k, v = self.qkv(tokens, hidden, positions)
         rows = torch.arange(slot_offset, slot_offset + b, device=tokens.device)[:, None].expand(b, t)
         k_cache, v_cache = cache.keys[0], cache.values[0]
         k_cache[rows, :, write_cols] = k.transpose(1, 2)
         v_cache[rows, :, write_cols] = v.transpose(1, 2)
-        keys = k_cache[slot_offset:slot_offset + b, :, :key_len]
-        values = v_cache[slot_offset:slot_offset + b, :, :key_len]
-        if query_index is not None:
-            batch = torch.arange(b, device=tokens.device)
-            q = q[batch, :, query_index].unsqueeze(2)
-            hidden = hidden[batch, query_index].unsqueeze(1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.finish(attn, hidden)
+        return (q, k_cache[slot_offset:slot_offset + b, :, :key_len],
+                v_cache[slot_offset:slot_offset + b, :, :key_len])
 
     def new_cache(self, num_slots: int, max_len: int) -> StaticKVCache:
         return StaticKVCache(self.config.attn, num_slots, max_len, self.fc.dtype, self.fc.device)

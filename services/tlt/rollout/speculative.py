@@ -199,6 +199,11 @@ def _distinct_contiguous_args(fn: Callable) -> Callable:
     return call
 
 
+def _compiled(fn: Callable) -> Callable:
+    """``torch.compile`` with dynamic shapes, called with contiguous, distinct tensors."""
+    return _distinct_contiguous_args(torch.compile(fn, dynamic=True))
+
+
 class SpeculativeDecoder:
     """Drafts, verifies and commits speculative tokens for the engine's running sequences."""
 
@@ -209,8 +214,8 @@ class SpeculativeDecoder:
         ``target.forward``); ``compile``: ``torch.compile`` the drafter's forward (dynamic shapes)."""
         self.target = target
         self._verify_forward = target_forward or target.forward
-        self._drafter_forward = (_distinct_contiguous_args(torch.compile(drafter.forward_cached, dynamic=True))
-                                 if compile else drafter.forward_cached)
+        self._drafter_forward = _compiled(drafter.forward_cached) if compile else drafter.forward_cached
+        self._drafter_catch_up = _compiled(drafter.forward_cached_last) if compile else drafter.forward_cached_last
         self.drafter = drafter
         self.target_cache = target_cache
         self.drafter_cache = drafter.new_cache(num_slots, max_len)
@@ -237,8 +242,8 @@ class SpeculativeDecoder:
                     self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
                                           start + tokens, _attention_mask(starts, tokens, start + tokens, None))
                     last = torch.full((rows,), tokens - 1, device=device)
-                    self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
-                                          start + tokens, _last_query_mask(starts + last, start + tokens), last)
+                    self._drafter_catch_up(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                           start + tokens, _last_query_mask(starts + last, start + tokens), last)
 
     # ---- feature capture --------------------------------------------------------------------
 
@@ -293,8 +298,8 @@ class SpeculativeDecoder:
         cols = starts[:, None] + torch.arange(width, device=device)[None, :]
         key_len = int(starts.max()) + width
         last = torch.tensor(counts, device=device) - 1
-        out = self._drafter_forward(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
-                                    key_len, _last_query_mask(starts + last, key_len), last)
+        out = self._drafter_catch_up(tokens, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
+                                     key_len, _last_query_mask(starts + last, key_len), last)
         for st, n in zip(states, counts):
             st.drafter_len += n
             st.pending.clear()
