@@ -10,6 +10,7 @@ idle worker's core really is free for the drafter, as an idle GPU is on a cluste
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -376,16 +377,18 @@ class Controller:
         lock = threading.Lock()
         step_over = threading.Event()
 
-        def on_result(request: RolloutRequest, out: RequestOutput) -> None:
+        def on_result(worker: str, request: RolloutRequest, out: RequestOutput) -> None:
             with lock:
                 if request.request_id in results:
                     raise RuntimeError(f"request {request.request_id} finished twice")
                 results[request.request_id] = out
-            self.on_event({"event": "result", "id": request.request_id, "tokens": len(out.token_ids)})
+            self.on_event({"event": "result", "id": request.request_id, "tokens": len(out.token_ids),
+                           "worker": worker})
 
         def drive(i: int) -> None:
             try:
-                summaries[i] = workers[i].run_rollout(queue, on_result, step_over)
+                summaries[i] = workers[i].run_rollout(queue, functools.partial(on_result, workers[i].name),
+                                                      step_over)
             except Exception as exc:
                 failures[i] = exc
                 self.on_event({"event": "worker_failed", "worker": workers[i].name, "error": str(exc)})
