@@ -23,5 +23,9 @@ def test_vllm_arms_against_the_vllm_baseline(demo_model_dir, demo_drafter_dir):
     ranges = json.loads(schedule[2])
     assert ranges[0][0] == 1 and ranges[-1][1] == 4 and all(0 <= k <= 2 for _, _, k in ranges)
     vllm, sched = table_row(out, "vllm"), table_row(out, "vllm-schedule")
+    assert "per step s" in out  # one round: the spread column splits each arm's wall time by step
+    for row in (table_row(out, "tlt-adaptive"), vllm, sched):
+        wall, steps = float(row[1]), row[2].split("/")
+        assert wall > 0 and len(steps) == 2 and abs(sum(map(float, steps)) - wall) < 0.15
     assert vllm[3] == "1.00x" and vllm[4] == "-" and vllm[7] == "-" and float(sched[7]) >= 1.0
     assert float(vllm[8]) > 500  # the peak counts vLLM's engine-core and worker processes too
