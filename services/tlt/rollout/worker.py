@@ -256,8 +256,10 @@ class RolloutWorker:
     def run_rollout(self, queue: RequestQueue, on_result: Callable[[RolloutRequest, RequestOutput], None],
                     step_over: threading.Event) -> WorkerStepSummary:
         """Take requests while slots are free, decode, report results; in the drafter role (and only when
-        the engine is empty) train the drafter until the role or the step ends. Requests still in the engine
-        when ``step_over`` is set (an aborted step) are dropped."""
+        nothing is decoding or waiting in ``queue``) train the drafter until the role or the step ends or a
+        request arrives: work comes first, whatever the role (a request re-dispatched from a failed worker is
+        decoded at once, not after the stint). Requests still in the engine when ``step_over`` is set (an
+        aborted step) are dropped."""
         self._totals = add_stats(self._totals, self.engine.stats)
         self.engine.stats.__init__()
         taken: dict[str, RolloutRequest] = {}
@@ -279,11 +281,12 @@ class RolloutWorker:
         self.activity.switch("rollout")
         try:
             while not step_over.is_set():
-                if self._role == DRAFTER and self.spot is not None and not self.engine.has_work():
+                if (self._role == DRAFTER and self.spot is not None and self.spot.buffer
+                        and not self.engine.has_work() and not len(queue)):
                     mark("drafter")
                     self._stint_base_version, base = self._drafter_base()
                     self.spot.start_from(base)
-                    report = self.spot.train(lambda: self._role != DRAFTER or step_over.is_set())
+                    report = self.spot.train(lambda: self._role != DRAFTER or step_over.is_set() or len(queue) > 0)
                     reports.append(report)
                     self._drafter_total.append(report)
                     continue
