@@ -51,7 +51,7 @@ def test_a_request_for_a_training_worker_is_decoded_at_once(spot_worker):
     queue = RequestQueue([RolloutRequest(f"r{i}", [3, 4, 5 + i], params, 0) for i in range(2)], workers=1)
     step_over = threading.Event()
     answered: list[tuple[str, str]] = []  # (request, the worker's role when it was answered)
-    failed: list[BaseException] = []
+    outcome: list = []  # what run_rollout returned (its step summary) or raised
 
     def on_result(request: RolloutRequest, out) -> None:
         answered.append((request.request_id, worker.role))
@@ -60,28 +60,28 @@ def test_a_request_for_a_training_worker_is_decoded_at_once(spot_worker):
 
     def run() -> None:
         try:
-            failed.append(worker.run_rollout(queue, on_result, step_over))
+            outcome.append(worker.run_rollout(queue, on_result, step_over))
         except BaseException as exc:
-            failed.append(exc)
+            outcome.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        _eventually(lambda: pushes or failed, "the drafter-role worker did not train")
+        _eventually(lambda: pushes or outcome, "the drafter-role worker did not train")
         queue.extend([RolloutRequest(f"late{i}", [3, 4, 9 + i], params, 0) for i in range(2)])
         worker.wake()
-        _eventually(lambda: len(answered) == 4 or failed, "the requests were not answered while it trained")
+        _eventually(lambda: len(answered) == 4 or outcome, "the requests were not answered while it trained")
         assert [role for _id, role in answered[2:]] == ["drafter", "drafter"]  # no role move needed
         trained = len(pushes)
-        _eventually(lambda: len(pushes) > trained or failed, "it did not go back to training once idle")
+        _eventually(lambda: len(pushes) > trained or outcome, "it did not go back to training once idle")
     finally:
         step_over.set()
         thread.join(WAIT_S)
         worker.set_role("rollout")
-    assert not thread.is_alive() and len(failed) == 1
-    summary = failed[0]
+    assert not thread.is_alive() and len(outcome) == 1
+    summary = outcome[0]
     assert not isinstance(summary, BaseException), summary
     assert sorted(r for r, _ in answered) == ["late0", "late1", "r0", "r1"]
     assert len(summary.drafter) >= 2 and summary.drafter[0].preempted  # the first stint stopped for the requests
     spans = [s.role for s in summary.spans]
-    assert spans.index("drafter") < len(spans) - 1 - spans[::-1].index("rollout")  # decoded after a stint
+    assert "rollout" in spans[spans.index("drafter"):]  # decoded after a stint
