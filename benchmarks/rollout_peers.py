@@ -8,7 +8,8 @@ Arms (same model, prompts, sampling settings and per-request seeds; every prompt
     vllm-schedule   vLLM with the batch-size SD schedule (``num_speculative_tokens_per_batch_size``) that
                     ``schedule_from_tuner`` derives from the bandit the tlt-adaptive arm learned in this run
     tlt-plain       TLT's native engine without SD (separates engine speed from SD)
-    tlt-adaptive    TLT's native engine with adaptive SD (BEG-MAB over tree strategies, off above 32 running)
+    tlt-adaptive    TLT's native engine with adaptive SD (BEG-MAB over tree strategies, off above
+                    ``--threshold`` running requests: by default 8, what a job on a CPU gets)
 
 Both engines run compiled by default: vLLM with its own CPU default (dynamo traced once, inductor), TLT's
 engine with ``torch.compile`` of its decode, verification and drafter forwards. ``--eager`` runs both
@@ -80,7 +81,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the comparison this many times, arms interleaved; ratios are paired medians")
     ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
-    ap.add_argument("--threshold", type=int, default=32, help="SD off above this many running requests")
+    ap.add_argument("--threshold", type=int, default=None,
+                    help="SD off above this many running requests (default: a job's CPU default, 8)")
     ap.add_argument("--eager", action="store_true",
                     help="run every engine eagerly (default: TLT's torch.compile and vLLM's inductor compile)")
     ap.add_argument("--vllm-cpus", choices=("all", "auto"), default="all",
@@ -362,6 +364,9 @@ def main() -> int:
         print("vLLM is not installed here: skipping the vLLM arms (install the vllm extra, README 'vLLM backend')")
         arms = [a for a in arms if a not in VLLM_ARMS]
 
+    from tlt.rollout.tuner import default_sd_batch_threshold
+
+    threshold = args.threshold if args.threshold is not None else default_sd_batch_threshold("cpu")
     n_prompts = args.prompts or (16 if args.quick else 64)
     max_new = args.max_new_tokens or (256 if args.quick else 768)
     steps = args.steps or (2 if args.quick else 3)
@@ -372,12 +377,12 @@ def main() -> int:
                      "prompts": work.prompts, "temperature": work.temperature,
                      "max_new_tokens": work.max_new_tokens, "seed": work.seed, "steps": work.steps},
         "dtype": args.dtype, "k": args.k,
-        "threshold": args.threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None,
+        "threshold": threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None,
         "compile": not args.eager}
     print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
           f"vllm_cpus={args.vllm_cpus}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
-          f"max_new_tokens={max_new} K={args.k} threshold={args.threshold} "
+          f"max_new_tokens={max_new} K={args.k} threshold={threshold} "
           f"engines={'eager' if args.eager else 'compiled'} rounds={args.rounds}")
 
     rounds = []

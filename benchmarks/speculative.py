@@ -31,7 +31,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--strategy", default="4_2_8", help="fixed strategy of the SD-always arm")
-    ap.add_argument("--threshold", type=int, default=32, help="adaptive arm: SD off above this batch size")
+    ap.add_argument("--threshold", type=int, default=None,
+                    help="adaptive arm: SD off above this batch size (default: a job's default on --device, "
+                         "8 on cpu, 32 on cuda)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda every engine replays CUDA graphs)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -50,8 +52,10 @@ def main() -> None:
     from tlt.models.drafter_io import load_drafter
     from tlt.rollout.engine import RolloutEngine
     from tlt.rollout.sampling import SamplingParams
-    from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
+    from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig, default_sd_batch_threshold
 
+    if args.threshold is None:
+        args.threshold = default_sd_batch_threshold(torch.device(args.device).type)
     n_prompts = args.prompts or (24 if args.quick else 64)
     max_new = args.max_new_tokens or (384 if args.quick else 768)
     work = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed,
@@ -76,7 +80,7 @@ def main() -> None:
     }
     RolloutEngine(target, max_running=4).generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up
     print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} device={args.device} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} threshold={args.threshold}")
     print(f"prompts={n_prompts} (all admitted at once) temperature={args.temperature} max_new_tokens={max_new}")
     walls: dict[str, list[float]] = {name: [] for name in arms}
     results = {}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from tlt.errors import ConfigError
-from tlt.rollout.tuner import DEFAULT_STRATEGIES, SpecStrategy
+from tlt.rollout.tuner import DEFAULT_STRATEGIES, SpecStrategy, default_sd_batch_threshold
 from tlt.specparse import from_dict, to_dict
 from tlt.trainer.grpo import GRPOConfig
 
@@ -60,11 +60,16 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SpeculativeSpec:
-    """Speculative decoding: ``adaptive`` (BEG-MAB), ``always`` (fixed ``strategy``) or ``off``."""
+    """Speculative decoding: ``adaptive`` (BEG-MAB), ``always`` (fixed ``strategy``) or ``off``.
+
+    ``sd_batch_threshold``: SD is off while more requests than this decode at once (``adaptive`` only).
+    Null (the default) picks it by the device the target runs on: 32 on a GPU (the paper's setting), 8 on
+    a CPU (measured: README, *Benchmarks*).
+    """
 
     mode: SpecMode = "adaptive"
     strategy: str = "3_2_6"
-    sd_batch_threshold: int = 32
+    sd_batch_threshold: int | None = None
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
 
     def __post_init__(self) -> None:
@@ -74,7 +79,15 @@ class SpeculativeSpec:
             except (ConfigError, ValueError) as exc:
                 raise ConfigError(f"strategy '{name}' is invalid: {exc} (write depth_topk_verify, e.g. 3_2_6)"
                                   ) from None
-        _require(self.sd_batch_threshold >= 1, f"sd_batch_threshold must be >= 1, got {self.sd_batch_threshold}")
+        _require(self.sd_batch_threshold is None or self.sd_batch_threshold >= 1,
+                 f"sd_batch_threshold must be >= 1 or null (by device: 32 on a GPU, 8 on a CPU), "
+                 f"got {self.sd_batch_threshold}")
+
+    def threshold_on(self, device_type: str) -> int:
+        """The effective ``sd_batch_threshold`` for a target on ``device_type`` (``torch.device.type``)."""
+        if self.sd_batch_threshold is not None:
+            return self.sd_batch_threshold
+        return default_sd_batch_threshold(device_type)
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,20 @@ def test_a_partial_section_keeps_the_other_defaults():
     assert spec.trainer.grpo == dataclasses.replace(default, lr=2e-5)
     spec = job_spec_from_dict({"trainer": {"workers": 2, "grpo": {"ppo_epochs": 2}}})
     assert spec.trainer.workers == 2 and spec.trainer.grpo == dataclasses.replace(default, ppo_epochs=2)
+
+
+def test_an_unset_sd_batch_threshold_is_picked_by_device():
+    from tlt.rollout.worker import make_tuner
+
+    sd = JobSpec().rollout.speculative
+    assert sd.sd_batch_threshold is None
+    assert (sd.threshold_on("cpu"), sd.threshold_on("cuda")) == (8, 32)
+    spec = job_spec_from_dict({})
+    assert make_tuner(spec, "cpu").config.sd_batch_threshold == 8
+    assert make_tuner(spec, "cuda").config.sd_batch_threshold == 32
+    # a value that is set holds on every device; null is the default spelled out
+    spec = job_spec_from_dict({"rollout": {"speculative": {"sd_batch_threshold": 20}}})
+    assert make_tuner(spec, "cpu").config.sd_batch_threshold == make_tuner(spec, "cuda").config.sd_batch_threshold == 20
+    assert job_spec_from_dict({"rollout": {"speculative": {"sd_batch_threshold": None}}}) == JobSpec()
+    with pytest.raises(ConfigError, match=r"rollout.speculative.sd_batch_threshold must be >= 1 or null"):
+        job_spec_from_dict({"rollout": {"speculative": {"sd_batch_threshold": 0}}})

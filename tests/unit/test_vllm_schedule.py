@@ -25,12 +25,18 @@ def test_check_schedule_sorts_and_rejects_what_vllm_rejects():
 
 
 def test_schedule_for_spec_follows_the_mode():
-    assert schedule_for_spec(SpeculativeSpec(mode="off"), 64) == (0, None)
-    assert schedule_for_spec(SpeculativeSpec(mode="always", strategy="4_1_5"), 64) == (4, None)
+    assert schedule_for_spec(SpeculativeSpec(mode="off"), 64, "cpu") == (0, None)
+    assert schedule_for_spec(SpeculativeSpec(mode="always", strategy="4_1_5"), 64, "cpu") == (4, None)
     # adaptive: the deepest chain of the strategies up to the threshold, none above it
-    k, schedule = schedule_for_spec(SpeculativeSpec(strategies=("2_1_3", "4_2_8"), sd_batch_threshold=16), 64)
-    assert (k, schedule) == (4, [(1, 16, 4), (17, 64, 0)])
-    assert schedule_for_spec(SpeculativeSpec(sd_batch_threshold=64), 64) == (4, None)
+    spec = SpeculativeSpec(strategies=("2_1_3", "4_2_8"), sd_batch_threshold=16)
+    for device in ("cpu", "cuda"):  # a threshold that is set holds on every device
+        assert schedule_for_spec(spec, 64, device) == (4, [(1, 16, 4), (17, 64, 0)])
+    assert schedule_for_spec(SpeculativeSpec(sd_batch_threshold=64), 64, "cpu") == (4, None)
+
+
+def test_schedule_for_spec_picks_an_unset_threshold_by_device():
+    assert schedule_for_spec(SpeculativeSpec(), 64, "cpu") == (4, [(1, 8, 4), (9, 64, 0)])
+    assert schedule_for_spec(SpeculativeSpec(), 64, "cuda") == (4, [(1, 32, 4), (33, 64, 0)])
 
 
 def test_schedule_from_tuner_takes_each_buckets_best_arm():
@@ -63,3 +69,18 @@ def test_kv_cache_size_defaults_to_1gib_on_cpu_and_refuses_two_settings(monkeypa
     assert resolve_kv_cache_bytes(None) is None  # vLLM reads the variable itself
     with pytest.raises(ConfigError, match="unset VLLM_CPU_KVCACHE_SPACE or drop kv_cache_bytes"):
         resolve_kv_cache_bytes(5 << 20)
+
+
+def test_the_vllm_worker_schedules_sd_by_the_device_default(tmp_path, monkeypatch):
+    from tlt.config import job_spec_from_dict
+    from tlt.rollout.backends import vllm as backend
+    from tlt.store import ArtifactStore
+
+    made: list[dict] = []
+    monkeypatch.setattr(backend, "VllmRolloutEngine", lambda model_dir, **kwargs: made.append(kwargs))
+    spec = job_spec_from_dict({"rollout": {"backend": "vllm", "max_running": 64}})
+    backend.VllmRolloutWorker("w", tmp_path / "model", spec, ArtifactStore(tmp_path / "store"),
+                              drafter_dir=tmp_path / "drafter")
+    threshold = 32 if torch.cuda.is_available() else 8
+    assert made[0]["schedule"] == [(1, threshold, 4), (threshold + 1, 64, 0)]
+    assert made[0]["num_speculative_tokens"] == 4

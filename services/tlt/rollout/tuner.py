@@ -93,6 +93,18 @@ try in every bucket, and a wide tree tried at batch 17-32 verifies hundreds of t
 runs on the demo workload (64 prompts, CPU) adaptive SD was faster with this set than with the wider default
 it replaced (``8_4_32 6_2_12 4_2_8 4_1_5 3_1_4``), cold and warm (README, *Benchmarks*)."""
 
+#: ``sd_batch_threshold`` when a job leaves it unset, by the device the target runs on. On a GPU a decode
+#: batch stays memory-bound up to a few dozen rows, so SD pays up to the paper's 32. On a CPU every row
+#: costs compute: the rollout-peers threshold sweep (README, Benchmarks) had adaptive SD behind plain
+#: decoding at 32 and 16 on the 64-prompt workload and level with it at 8.
+SD_BATCH_THRESHOLD_BY_DEVICE: dict[str, int] = {"cuda": 32, "cpu": 8}
+
+
+def default_sd_batch_threshold(device_type: str) -> int:
+    """The SD batch threshold for a target on ``device_type`` (``torch.device.type``); other accelerators
+    get the GPU value."""
+    return SD_BATCH_THRESHOLD_BY_DEVICE.get(device_type, SD_BATCH_THRESHOLD_BY_DEVICE["cuda"])
+
 
 def _default_strategies() -> list[SpecStrategy]:
     return [SpecStrategy.parse(n) for n in DEFAULT_STRATEGIES]

@@ -69,8 +69,9 @@ class RequestQueue:
             return len(self._items)
 
 
-def make_tuner(spec: JobSpec) -> BegMabTuner | None:
-    """The tuner for the configured speculative mode (None when SD is off)."""
+def make_tuner(spec: JobSpec, device_type: str) -> BegMabTuner | None:
+    """The tuner for the configured speculative mode (None when SD is off), for a target on
+    ``device_type`` (which picks an unset ``sd_batch_threshold``)."""
     sd = spec.rollout.speculative
     if sd.mode == "off":
         return None
@@ -78,7 +79,7 @@ def make_tuner(spec: JobSpec) -> BegMabTuner | None:
         config = TunerConfig(sd_batch_threshold=10**6, strategies=[SpecStrategy.parse(sd.strategy)],
                              allow_sd_off_arm=False, seed=spec.seed)
     else:
-        config = TunerConfig(sd_batch_threshold=sd.sd_batch_threshold,
+        config = TunerConfig(sd_batch_threshold=sd.threshold_on(device_type),
                              strategies=[SpecStrategy.parse(s) for s in sd.strategies], seed=spec.seed)
     return BegMabTuner(config)
 
@@ -154,7 +155,7 @@ class RolloutWorker:
         self.model = model
         self.spec = spec
         self.store = store
-        tuner = make_tuner(spec) if drafter is not None else None
+        tuner = make_tuner(spec, model.device.type) if drafter is not None else None
         self.engine = RolloutEngine(model, max_running=spec.rollout.max_running, seed=spec.seed,
                                     drafter=drafter if tuner is not None else None, tuner=tuner,
                                     compile=spec.rollout.compile)

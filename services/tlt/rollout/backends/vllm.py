@@ -105,8 +105,9 @@ def check_schedule(schedule: Sequence[Sequence[int]]) -> Schedule:
     return out
 
 
-def schedule_for_spec(sd: SpeculativeSpec, max_running: int) -> tuple[int, Schedule | None]:
-    """``(num_speculative_tokens, schedule)`` for the job's speculative settings on vLLM.
+def schedule_for_spec(sd: SpeculativeSpec, max_running: int, device_type: str) -> tuple[int, Schedule | None]:
+    """``(num_speculative_tokens, schedule)`` for the job's speculative settings on vLLM on ``device_type``
+    (which picks an unset ``sd_batch_threshold``).
 
     ``off``: no SD (0, None). ``always``: a chain as deep as ``strategy``'s depth at every batch size.
     ``adaptive``: vLLM cannot run BEG-MAB, so the nearest static equivalent: SD with the deepest chain of
@@ -119,9 +120,10 @@ def schedule_for_spec(sd: SpeculativeSpec, max_running: int) -> tuple[int, Sched
     if sd.mode == "always":
         return SpecStrategy.parse(sd.strategy).depth, None
     k = max(SpecStrategy.parse(s).depth for s in sd.strategies)
-    if sd.sd_batch_threshold >= max_running:
+    threshold = sd.threshold_on(device_type)
+    if threshold >= max_running:
         return k, None
-    return k, [(1, sd.sd_batch_threshold, k), (sd.sd_batch_threshold + 1, max_running, 0)]
+    return k, [(1, threshold, k), (threshold + 1, max_running, 0)]
 
 
 def schedule_from_tuner(tuner: BegMabTuner, max_running: int, default_k: int,
@@ -571,7 +573,8 @@ class VllmRolloutWorker(RolloutWorker):
                  **engine_kwargs: Any) -> None:
         # not super().__init__(): that builds a native engine; the same fields are set here
         if engine is None:
-            k, schedule = schedule_for_spec(spec.rollout.speculative, spec.rollout.max_running)
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+            k, schedule = schedule_for_spec(spec.rollout.speculative, spec.rollout.max_running, device_type)
             use_sd = drafter_dir is not None and k > 0
             engine = VllmRolloutEngine(
                 model_dir, drafter_dir=drafter_dir if use_sd else None, num_speculative_tokens=k if use_sd else None,
