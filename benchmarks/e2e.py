@@ -5,7 +5,12 @@ The three jobs run in this process in lockstep: step 1 of each arm, then step 2 
 order, and so on, so that a slow spell of the machine does not fall on one arm's whole job. Times are the
 jobs' own step times; the per-step ratios show how much one step varies.
 
-    python benchmarks/e2e.py [--quick] [--steps N] [--out DIR]
+    python benchmarks/e2e.py [--quick] [--steps N] [--out DIR] [--services processes]
+
+By default every arm's services run in this process (worker threads, as ``tlt run --inproc``). With
+``--services processes`` each arm gets its own rollout, drafter and trainer processes on loopback, as
+``tlt run`` starts them by default (and as pods run them): then a worker that trains the drafter in the
+long tail does not share a Python interpreter, and its lock, with the worker still decoding.
 
 Prints per-arm totals and a final ``RESULT`` line; writes a comparison report (Markdown + plots).
 """
@@ -17,6 +22,7 @@ import json
 import shutil
 import statistics
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 ARMS = {
@@ -32,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--config", type=Path, help="base job spec YAML (default: the demo job)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-e2e"))
+    ap.add_argument("--services", choices=("inproc", "processes"), default="inproc",
+                    help="each arm's services in this process (threads) or in processes of their own (loopback gRPC)")
     return ap.parse_args(argv)
 
 
@@ -46,8 +54,9 @@ def base_overrides(args: argparse.Namespace) -> dict:
     return base
 
 
-def build_arm(label: str, overrides: dict, args: argparse.Namespace):
-    """The arm's controller (services in this process), on a fresh output directory."""
+def build_arm(label: str, overrides: dict, args: argparse.Namespace, stack: ExitStack):
+    """The arm's controller on a fresh output directory; with ``--services processes`` its service processes
+    are started and left to ``stack`` to stop."""
     from tlt.config import apply_overrides, job_spec_from_dict, load_job_spec
     from tlt.controller.loop import Controller
 
@@ -55,7 +64,12 @@ def build_arm(label: str, overrides: dict, args: argparse.Namespace):
     shutil.rmtree(out_dir, ignore_errors=True)
     merged = {**base_overrides(args), **overrides, "output_dir": str(out_dir), "name": label}
     spec = load_job_spec(args.config, merged) if args.config else job_spec_from_dict(apply_overrides({}, merged))
-    return Controller(spec)
+    if args.services == "inproc":
+        return Controller(spec)
+    from tlt.serving.launcher import LocalServices
+
+    local = LocalServices(spec)
+    return Controller(spec, services=stack.enter_context(local), supervisor=local.revive)
 
 
 def run_interleaved(controllers: dict) -> dict[str, list[dict]]:
@@ -94,8 +108,9 @@ def summarize(label: str, controller, records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    controllers = {label: build_arm(label, overrides, args) for label, overrides in ARMS.items()}
-    records = run_interleaved(controllers)
+    with ExitStack() as stack:  # service processes (--services processes) stop when the jobs are done
+        controllers = {label: build_arm(label, overrides, args, stack) for label, overrides in ARMS.items()}
+        records = run_interleaved(controllers)
     results = [summarize(label, controllers[label], records[label]) for label in ARMS]
     tlt, off, frozen = results
     print(f"\n{'arm':<16}{'steps s':>9}{'rollout s':>11}{'held-out':>10}{'acc.len':>9}{'drafter steps':>15}"

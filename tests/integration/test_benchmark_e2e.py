@@ -70,9 +70,10 @@ def test_jobs_are_closed_when_a_step_fails():
     assert calls[-2:] == ["close a", "close b"]
 
 
-def test_one_step_job_end_to_end(demo_model_dir, demo_drafter_dir, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps", "1", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("services", ["inproc", "processes"])
+def test_one_step_job_end_to_end(services, demo_model_dir, demo_drafter_dir, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps", "1", "--out", str(tmp_path),
+                           "--services", services], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     result = done.stdout.strip().splitlines()[-1]
     assert re.match(r"RESULT e2e_speedup=\d+\.\d\d rollout_speedup=\d+\.\d\d frozen_e2e_speedup=\d+\.\d\d "
@@ -82,4 +83,6 @@ def test_one_step_job_end_to_end(demo_model_dir, demo_drafter_dir, tmp_path):
         assert [line.get("event") for line in lines] == ["start", None, "end"]
         # the job's own time: its step and final evaluation, not the other arms' steps in between
         assert lines[1]["wall_s"] <= lines[2]["total_s"] < lines[1]["wall_s"] + 60
+        # with processes, each arm's workers ran as services of their own (the launcher logs them there)
+        assert (tmp_path / arm / "services" / "rollout-0.log").is_file() == (services == "processes")
     assert (tmp_path / "report").is_dir()
