@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -84,3 +86,15 @@ def test_the_vllm_worker_schedules_sd_by_the_device_default(tmp_path, monkeypatc
     threshold = 32 if torch.cuda.is_available() else 8
     assert made[0]["schedule"] == [(1, threshold, 4), (threshold + 1, 64, 0)]
     assert made[0]["num_speculative_tokens"] == 4
+
+
+def test_vllm_env_defaults_turn_the_aot_cache_off_unless_set(monkeypatch):
+    from tlt.rollout.backends.vllm import vllm_env_defaults
+
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    vllm_env_defaults()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0" and os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # a value already set wins
+    vllm_env_defaults()
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
