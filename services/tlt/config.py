@@ -27,10 +27,15 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The policy to train: ``path`` is an HF model directory, or ``demo`` (built locally on first use)."""
+    """The policy to train: ``path`` is an HF model directory, or ``demo`` (built locally on first use).
+
+    ``device``: where the native rollout workers run the policy (and their drafter): ``auto`` picks a CUDA
+    device when torch sees one, else the CPU. The trainer and the drafter service compute on the CPU.
+    """
 
     path: str = "demo"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)

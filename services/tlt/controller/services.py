@@ -41,7 +41,7 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
     """Everything in this process: worker threads, the aggregator and the trainer share the store."""
     from tlt.drafter.service import open_aggregator
     from tlt.models.drafter_io import drafter_inference_dtype
-    from tlt.models.loader import load_model
+    from tlt.models.loader import load_model, resolve_device
     from tlt.rollout.worker import RolloutWorker
     from tlt.trainer.service import TrainerEndpoint
 
@@ -50,6 +50,7 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
     if spec.rollout.speculative.mode != "off":
         aggregator = open_aggregator(spec, model_dir, trainer.trainer.model, store)
     workers, closers = [], [trainer.close]
+    device = resolve_device(spec.model.device)
     for i in range(spec.rollout.workers):
         if spec.rollout.backend == "vllm":  # vLLM runs the policy in its own process; it does not train the drafter
             from tlt.rollout.backends.vllm import VllmRolloutWorker, export_drafter
@@ -61,9 +62,11 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
             workers.append(worker)
             closers.append(worker.close)
             continue
-        model = load_model(model_dir, dtype=spec.model.dtype)
-        drafter = (aggregator.drafter.copy_for(model).to(drafter_inference_dtype(model)).eval()
-                   if aggregator else None)
+        model = load_model(model_dir, dtype=spec.model.dtype, device=device)
+        drafter = None
+        if aggregator:
+            drafter = aggregator.drafter.copy_for(model).to(device=model.device, dtype=drafter_inference_dtype(model))
+            drafter.eval()
         workers.append(RolloutWorker(f"rollout-{i}", model, spec, drafter, store,
                                      push_delta=aggregator.push_delta if aggregator else None,
                                      drafter_base=aggregator.base if aggregator else None))

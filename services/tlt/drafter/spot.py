@@ -132,7 +132,8 @@ class SpotDrafterTrainer:
                 stopped = True
                 break
             ids, mask = collate(examples[first:first + MICRO_BATCH], self.max_len)
-            batch = target_batch(self.target, ids, mask, self.drafter.config.aux_layer_ids)
+            device = self.target.device
+            batch = target_batch(self.target, ids.to(device), mask.to(device), self.drafter.config.aux_layer_ids)
             part = eagle3_loss(self.drafter, batch, steps=self.ttt_steps, counts=counts)
             part.loss.backward()
             loss += float(part.loss.detach())
@@ -158,7 +159,8 @@ class SpotDrafterTrainer:
         if self._unpushed_tokens == 0:
             return
         current = trainable_state(self.drafter)
-        delta = {name: current[name] - self._anchor[name] for name in current}
+        # .cpu(): the wire and the aggregator take CPU tensors (a no-op for a worker on the CPU)
+        delta = {name: (current[name] - self._anchor[name]).cpu() for name in current}
         try:
             self.push(delta, self._unpushed_tokens)
         except RpcError as exc:

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tlt.errors import ModelLoadError
+from tlt.errors import ConfigError, ModelLoadError
 from tlt.models.config import ModelConfig, read_json
 from tlt.models.transformer import CausalLM
 
@@ -23,6 +23,16 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ModelLoadError(f"dtype '{name}' is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; ``cuda`` without one is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is 'cuda' but torch sees no CUDA device here: set model.device to "
+                             "'auto' or 'cpu', or run where a GPU is visible")
+    return name
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

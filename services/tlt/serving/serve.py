@@ -86,14 +86,14 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
     from tlt.drafter.aggregator import DRAFTER_KIND
     from tlt.drafter.service import RemoteDrafter
     from tlt.models.drafter_io import load_drafter
-    from tlt.models.loader import load_model
+    from tlt.models.loader import load_model, resolve_device
     from tlt.rollout.service import SERVICE_NAME, RolloutServicer
     from tlt.rollout.worker import RolloutWorker
     from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
 
     if spec.rollout.backend == "vllm":
         return _vllm_rollout(spec, opts, store, model_dir, registry)
-    model = load_model(model_dir, dtype=spec.model.dtype)
+    model = load_model(model_dir, dtype=spec.model.dtype, device=resolve_device(spec.model.device))
     drafter, push, closers = None, None, []
     if spec.rollout.speculative.mode != "off":
         version = _wait_for_version(store, DRAFTER_KIND, DRAFTER_WAIT_S)
