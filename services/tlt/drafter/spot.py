@@ -132,7 +132,7 @@ class SpotDrafterTrainer:
                 stopped = True
                 break
             ids, mask = collate(examples[first:first + MICRO_BATCH], self.max_len)
-            device = self.target.device
+            device = self.drafter.embed.device  # the target's (its embedding is shared)
             batch = target_batch(self.target, ids.to(device), mask.to(device), self.drafter.config.aux_layer_ids)
             part = eagle3_loss(self.drafter, batch, steps=self.ttt_steps, counts=counts)
             part.loss.backward()
