@@ -201,6 +201,10 @@ def _run_controller(spec, args: argparse.Namespace, on_event, tls: ClientTLS | N
     from tlt.controller.services import ServiceAddresses
 
     resolve_model_dir(spec)  # bad paths fail here, before any service process starts
+    if not (args.rollout or spec.rollout.backend == "vllm"):
+        from tlt.models.loader import resolve_device
+
+        resolve_device(spec.model.device)  # so does model.device: cuda where no GPU is visible
     load_prompt_sets(spec)
     check_store(spec.store_uri)
     supervisor = None

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.integration.conftest import TINY_JOB
 from tests.processes import step_records
@@ -72,6 +73,15 @@ def test_cli_bad_spec_is_one_clear_line(tmp_path, arg, needle):
                           "--no-progress"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_cli_cuda_without_a_gpu_is_one_clear_line_before_services_start(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tlt.cli", "run", "--set=model.device=cuda", "--output-dir",
+                          str(tmp_path / "x"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "model.device is 'cuda' but torch sees no CUDA device" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "x" / "services").exists()  # refused before any service process started
 
 
 def test_crashes_around_the_checkpoint_commit_lose_and_repeat_nothing(tmp_path, monkeypatch):

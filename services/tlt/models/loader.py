@@ -31,7 +31,7 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("model.device is 'cuda' but torch sees no CUDA device here: set model.device to "
-                             "'auto' or 'cpu', or run where a GPU is visible")
+                          "'auto' or 'cpu', or run where a GPU is visible")
     return name
 
 
