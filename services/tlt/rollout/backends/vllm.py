@@ -42,6 +42,7 @@ from tlt import metrics as m
 from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tlt.models.config import read_json
+from tlt.models.loader import resolve_device
 from tlt.rollout.engine import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -573,8 +574,8 @@ class VllmRolloutWorker(RolloutWorker):
                  **engine_kwargs: Any) -> None:
         # not super().__init__(): that builds a native engine; the same fields are set here
         if engine is None:
-            device_type = "cuda" if torch.cuda.is_available() else "cpu"
-            k, schedule = schedule_for_spec(spec.rollout.speculative, spec.rollout.max_running, device_type)
+            # vLLM runs where it finds a GPU (model.device is for the native engine)
+            k, schedule = schedule_for_spec(spec.rollout.speculative, spec.rollout.max_running, resolve_device("auto"))
             use_sd = drafter_dir is not None and k > 0
             engine = VllmRolloutEngine(
                 model_dir, drafter_dir=drafter_dir if use_sd else None, num_speculative_tokens=k if use_sd else None,
