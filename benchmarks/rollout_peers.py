@@ -23,8 +23,8 @@ not count for another. Wall time is the sum of the steps' generate calls after t
 and ran a short warm-up (both excluded; the start time is reported); summing over steps also averages
 out which arm happened to sample the longest response (vLLM's samples differ from ours). Peak
 memory is the highest proportional set size (PSS, so pages shared between processes count once)
-summed over the arm's process tree (vLLM: the front end and its engine-core and worker processes),
-sampled every 0.5 s from the engine start to the end of the timed steps.
+summed over the arm's process tree (with ``--vllm-layout multiprocess``: vLLM's front end, engine core and
+worker), sampled every 0.5 s from the engine start to the end of the timed steps.
 
 ``--rounds R`` repeats the whole comparison R times, interleaved: each round starts every arm's process
 anew, in the opposite order to the round before (so a slow spell of the machine, which lasts minutes and
@@ -34,9 +34,16 @@ arm was slower than the baseline; wall time, acceptance and start time are media
 highest of any round. ``vllm-schedule`` takes the schedule from the latest ``tlt-adaptive`` run.
 
 The vLLM arms need the ``vllm`` extra (run this in ``.venv-vllm``, README "vLLM backend"); without it
-they are skipped and the ratios against vLLM are not printed. vLLM's CPU default pins its engine
-to all cores but one, which it keeps for the scheduler; on a 2-core machine that leaves it one, so by
-default this gives vLLM every core (``--vllm-cpus all``; ``auto`` keeps vLLM's own choice).
+they are skipped and the ratios against vLLM are not printed. The baseline is vLLM at its fastest here:
+
+* ``--vllm-layout one-process`` (default): front end, scheduler and model in this process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vLLM's single-process executor). vLLM's default layout runs them as
+  three processes (front end, engine core, worker), which on a 2-core machine fight over the cores: measured
+  here, plain vLLM took 2.6-3.7 s on ``--quick`` that way and 1.31-1.37 s in one process (starts 17-22 s vs
+  5-11 s). ``multiprocess`` keeps vLLM's default layout.
+* vLLM's CPU default pins its model to all cores but one, which it keeps for the scheduler; on a 2-core
+  machine that leaves it one, so by default this gives vLLM every core (``--vllm-cpus all``; ``auto`` keeps
+  vLLM's own choice).
 
     python benchmarks/rollout_peers.py            # 3 steps x 64 prompts, up to 768 new tokens
     python benchmarks/rollout_peers.py --quick    # 2 steps x 16 prompts, up to 256 new tokens
@@ -85,6 +92,9 @@ def parse_args() -> argparse.Namespace:
                     help="SD off above this many running requests (default: a job's CPU default, 8)")
     ap.add_argument("--eager", action="store_true",
                     help="run every engine eagerly (default: TLT's torch.compile and vLLM's inductor compile)")
+    ap.add_argument("--vllm-layout", choices=("one-process", "multiprocess"), default="one-process",
+                    help="one-process: vLLM's front end, scheduler and model in one process (fastest on few cores); "
+                         "multiprocess: vLLM's default three processes")
     ap.add_argument("--vllm-cpus", choices=("all", "auto"), default="all",
                     help="all: vLLM's engine uses every core; auto: vLLM's default (one kept for its scheduler)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -306,6 +316,7 @@ def run_arms(arms: list[str], cfg: dict) -> dict[str, dict[str, Any]]:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg["vllm_layout"] == "one-process" else "1"
     if cfg["vllm_cpus"] == "all":
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -377,10 +388,11 @@ def main() -> int:
                      "prompts": work.prompts, "temperature": work.temperature,
                      "max_new_tokens": work.max_new_tokens, "seed": work.seed, "steps": work.steps},
         "dtype": args.dtype, "k": args.k,
-        "threshold": threshold, "vllm_cpus": args.vllm_cpus, "tuner_state": None,
+        "threshold": threshold, "vllm_cpus": args.vllm_cpus, "vllm_layout": args.vllm_layout,
+        "tuner_state": None,
         "compile": not args.eager}
     print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
-          f"vllm_cpus={args.vllm_cpus}")
+          f"vllm_cpus={args.vllm_cpus} vllm_layout={args.vllm_layout}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
           f"max_new_tokens={max_new} K={args.k} threshold={threshold} "
           f"engines={'eager' if args.eager else 'compiled'} rounds={args.rounds}")

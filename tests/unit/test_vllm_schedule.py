@@ -98,3 +98,39 @@ def test_vllm_env_defaults_turn_the_aot_cache_off_unless_set(monkeypatch):
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")  # a value already set wins
     vllm_env_defaults()
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
+
+
+def test_one_engine_process_defaults_run_vllm_in_one_process_on_cpu_unless_set(monkeypatch):
+    from tlt.rollout.backends.vllm import one_engine_process_defaults
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    one_engine_process_defaults("cuda")  # on a GPU vLLM keeps its own layout
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    one_engine_process_defaults("cpu")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # a value already set wins
+    one_engine_process_defaults("cpu")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_the_vllm_rollout_service_sets_the_layout_before_its_engine_starts(tmp_path, monkeypatch):
+    from tlt.config import job_spec_from_dict
+    from tlt.rollout.backends import vllm as backend
+    from tlt.serving import serve
+    from tlt.store import ArtifactStore
+
+    seen: list[str | None] = []
+
+    class StartedError(Exception):
+        pass
+
+    def fake_worker(*args, **kwargs):
+        seen.append(os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+        raise StartedError
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setattr(backend, "VllmRolloutWorker", fake_worker)
+    spec = job_spec_from_dict({"rollout": {"backend": "vllm", "speculative": {"mode": "off"}}})
+    with pytest.raises(StartedError):
+        serve._rollout(spec, serve.ServeOptions("rollout"), ArtifactStore(tmp_path / "store"), tmp_path, None)
+    assert seen == [None if torch.cuda.is_available() else "0"]

@@ -28,4 +28,11 @@ def test_vllm_arms_against_the_vllm_baseline(demo_model_dir, demo_drafter_dir):
         wall, steps = float(row[1]), row[2].split("/")
         assert wall > 0 and len(steps) == 2 and abs(sum(map(float, steps)) - wall) < 0.15
     assert vllm[3] == "1.00x" and vllm[4] == "-" and vllm[7] == "-" and float(sched[7]) >= 1.0
-    assert float(vllm[8]) > 500  # the peak counts vLLM's engine-core and worker processes too
+    assert "vllm_layout=one-process" in out  # the default: vLLM's front end, scheduler and model in one process
+    one_process_peak = float(vllm[8])
+    assert one_process_peak > 300
+
+    out = run_benchmark("--arms", "vllm", "--vllm-layout", "multiprocess")
+    assert "vllm_layout=multiprocess" in out
+    # vLLM's own layout: the peak sums the front end, the engine core and the worker, each with torch loaded
+    assert float(table_row(out, "vllm")[8]) > one_process_peak + 300, (one_process_peak, out)

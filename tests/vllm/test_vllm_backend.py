@@ -1,8 +1,9 @@
 """The vLLM rollout backend (``tlt.rollout.backends.vllm``) against the native engine, on the demo model and
 its exported EAGLE-3 drafter. Needs the ``vllm`` extra (README, "vLLM backend"); skipped without it.
 
-One speculative and one plain vLLM engine serve the module (each start is ~20 s on 2 cores); the
-policy-reload test, last in the file, starts one more: a fresh engine on the new weights.
+One speculative and one plain vLLM engine serve the module, in vLLM's own multi-process layout (each start
+is ~20 s on 2 cores); the one-process test starts one more in the layout a rollout service uses on a CPU,
+and the policy-reload test, last in the file, one more: a fresh engine on the new weights.
 """
 
 from __future__ import annotations
@@ -167,6 +168,32 @@ def test_worker_runs_a_rollout_step_through_the_native_loop(sd_engine, prompts, 
     assert worker.progress().finished >= len(requests)
     names = {sample[0] for sample in worker.metric_samples()}
     assert any("spec_decode" in str(name) for name in names)
+
+
+def test_a_one_process_engine_decodes_alike_and_reloads(sd_engine, prompts, demo_model_dir, demo_drafter_dir,
+                                                        tmp_path, monkeypatch):
+    assert not sd_engine.one_process  # vLLM's own layout: front end, engine core and worker processes
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what a rollout service on a CPU sets
+    engine = VllmRolloutEngine(demo_model_dir, drafter_dir=demo_drafter_dir, num_speculative_tokens=K,
+                               schedule=SCHEDULE, **ENGINE)
+    try:
+        assert engine.one_process
+        batch = prompts[:SD_UP_TO]
+        expected, expected_acceptance = _run(sd_engine, batch, GREEDY)
+        outs, acceptance = _run(engine, batch, GREEDY)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+        assert acceptance == pytest.approx(expected_acceptance, rel=0.05)
+
+        store = ArtifactStore(tmp_path / "store")  # the worker extension's reload runs in this process now
+        random_dir = save_drafter(new_drafter(load_model(demo_model_dir, dtype="float32"), seed=1), tmp_path / "rnd")
+        _publish_file(store, "drafter", 1, {n: random_dir / n for n in ("config.json", "model.safetensors")})
+        report = engine.reload_drafter(store, 1)
+        assert report["embed_shared"] and not report["mismatched"] and report["checked"] > 0
+        random_outs, random_acceptance = _run(engine, batch, GREEDY)
+        assert random_acceptance < 1.3
+        assert [o.token_ids for o in random_outs] == [o.token_ids for o in expected]
+    finally:
+        engine.close()
 
 
 def test_policy_reload_matches_a_fresh_engine(sd_engine, prompts, demo_model_dir, demo_drafter_dir, tmp_path):

@@ -120,10 +120,12 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
 def _vllm_rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir: Path, registry) -> Built:
     """A rollout service on the vLLM backend: same RPCs; vLLM reads the drafter's EAGLE-3 files itself."""
     from tlt.drafter.aggregator import DRAFTER_KIND
-    from tlt.rollout.backends.vllm import VllmRolloutWorker
+    from tlt.models.loader import resolve_device
+    from tlt.rollout.backends.vllm import VllmRolloutWorker, one_engine_process_defaults
     from tlt.rollout.service import SERVICE_NAME, RolloutServicer
     from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
 
+    one_engine_process_defaults(resolve_device("auto"))  # this process holds one engine
     directory = None
     if spec.rollout.speculative.mode != "off":
         version = _wait_for_version(store, DRAFTER_KIND, DRAFTER_WAIT_S)

@@ -375,6 +375,8 @@ class VllmRolloutEngine(StepLoop):
         self.batch_log: deque[tuple[int, int]] = deque(maxlen=100_000)
         self.engine = LLMEngine.from_engine_args(EngineArgs(**args),
                                                  stat_loggers=[lambda _cfg, _idx: _SpecStatsLogger(self)])
+        # vLLM's own reading of VLLM_ENABLE_V1_MULTIPROCESSING, which decided the layout just now
+        self.one_process = not vllm_envs().VLLM_ENABLE_V1_MULTIPROCESSING
         self.fixed_cpu_expand_kernel = any(self.engine.collective_rpc("tlt_fix_cpu_expand_kernel"))
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -628,6 +630,24 @@ def vllm_env_defaults() -> None:
     # 'finalize_loading'"), so every compiled start compiled again; without AOT its inductor cache is reused
     # (measured on the demo model: engine init 10.6 -> 3.6 s from the second start on).
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+
+def one_engine_process_defaults(device_type: str) -> None:
+    """Defaults for a process that holds one vLLM engine (a rollout service), a value already set winning: on
+    ``device_type`` cpu, vLLM's front end, scheduler and model run in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of vLLM's three processes, which on few cores fight over
+    them (measured on 2 cores, ``benchmarks/rollout_peers.py --quick``: plain vLLM 1.3 s in one process vs
+    1.8-3.7 s in three). Not where several engines share a process (in-process jobs): vLLM keeps the forward
+    pass's context in one global, so two engines stepping at once in one process would mix them up."""
+    if device_type == "cpu":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def vllm_envs() -> Any:
+    """``vllm.envs``: vLLM's environment settings as vLLM reads them."""
+    import vllm.envs
+
+    return vllm.envs
 
 
 def resolve_kv_cache_bytes(requested: int | None) -> int | None:
