@@ -1,59 +1,95 @@
-"""A few GRPO steps of the whole TLT loop improve the held-out reward of a weak demo policy and keep a strong one."""
+"""A few GRPO steps of the whole TLT loop improve the held-out reward of a policy with room to improve, and keep
+a strong one.
+
+Where a few-step gain is measurable depends on the policy. On the shipped demo build (60-70% of held-out
+problems solved) the policy gradient of a step is mostly noise: gradients of independent 256-sample batches
+have cosine -0.09..0.13 and agree in sign on 50% of the weights, and at lr 5e-5 real and shuffled advantages
+lowered greedy held-out reward alike (0.631 -> 0.584 and 0.568, 800 prompts); at the default lr 1e-5 it held
+(0.631 -> 0.624). A weak build (8% at T=1) went 0.113 -> 0.141 in 4 steps. So the gain is checked on the demo
+policy weakened by seeded Gaussian noise on its matrices (0.6 x each matrix's std took greedy held-out reward
+from 0.715 to 0.168): 4 steps of the default job raised it to 0.270 (lr 1e-5) and 0.277 (lr 5e-5), while the
+same 4 steps with advantages of flipped sign lowered it to 0.078 (2026-11-29, 256 prompts) -- the reward
+signal, not the noise fading, is what moves it. The shipped build must not be harmed by the same steps.
+"""
 
 from __future__ import annotations
 
-import json
+import shutil
+from pathlib import Path
 
-import pytest
+import torch
+from safetensors.torch import save_file
 
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
-from tlt.models.demo_training import SUMMARY_FILE
+from tlt.models.loader import read_safetensors
 
-# Where a few-step gain is measurable depends on the build. Four steps of 32 prompts x 8 samples improved a
-# build that solved ~8% of held-out problems at T=1 (greedy 0.113 -> 0.141 in each of two runs, lr 5e-5). A
-# build at 2.5% gets ~6 rewarded samples a step: 4 steps left greedy 0.082 -> 0.059..0.078. On the shipped
-# 60% build the policy gradient of a step is mostly noise: gradients of independent 256-sample batches have
-# cosine -0.09..0.13 and agree in sign on 50% of the weights, and at lr 5e-5 real and shuffled advantages
-# lowered greedy held-out reward alike (0.631 -> 0.584 and 0.568, 800 prompts); at the default lr 1e-5 it
-# held (0.631 -> 0.624), and 30 steps on 2-5-step problems moved it by at most +0.02 at T=1. So the gain is
-# checked only in the window where it was measured, and outside it the run must not damage the policy.
-MIN_SAMPLED_ACCURACY = 0.05
-MAX_SAMPLED_ACCURACY = 0.30
-# 256 greedy prompts, 4 steps: the default lr kept 0.637 -> 0.637, advantages of flipped sign fell 0.637 -> 0.605 and
-# lr 5e-5 0.637 -> 0.621.
+HELDOUT = 256
+STEPS = 4
+# Noise levels tried in turn until the weakened policy's greedy held-out reward falls in BASELINE_WINDOW (demo
+# builds vary by CPU, so the first level may miss it on another machine).
+NOISE_LEVELS = (0.6, 0.5, 0.7, 0.4, 0.8)
+BASELINE_WINDOW = (0.08, 0.40)
+MIN_GAIN = 0.05  # measured +0.10 and +0.11; flipped advantages -0.09
+# 256 greedy prompts, 4 steps on the shipped build: the default lr kept 0.637 -> 0.637, advantages of flipped
+# sign fell 0.637 -> 0.605 and lr 5e-5 0.637 -> 0.621.
 MAX_DROP = 0.02
 
 
-def _sampled_accuracy(model_dir) -> float | None:
-    summary = json.loads((model_dir / SUMMARY_FILE).read_text())
-    return summary.get("eval", {}).get("sampled_accuracy_t1")
+def weakened_copy(model_dir: Path, out_dir: Path, noise: float, seed: int = 0) -> Path:
+    """``model_dir`` with ``noise`` x each matrix's std of seeded Gaussian noise added to every 2-D weight but
+    the token embedding (which the drafter shares)."""
+    out_dir.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.is_file() and item.name != "model.safetensors":
+            shutil.copy(item, out_dir / item.name)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, tensor in read_safetensors(model_dir).items():
+        if tensor.dim() == 2 and "embed" not in name:
+            w = tensor.float()
+            tensor = (w + noise * w.std() * torch.randn(w.shape, generator=generator)).to(tensor.dtype)
+        weights[name] = tensor.contiguous()
+    save_file(weights, str(out_dir / "model.safetensors"))
+    return out_dir
 
 
-def test_rl_improves_heldout_reward(tmp_path, demo_model_dir, demo_drafter_dir):
-    spec = job_spec_from_dict(apply_overrides({}, {
-        "steps": 4, "output_dir": str(tmp_path / "rl"), "data.eval_every": 0, "data.heldout": 256,
-        "data.eval_temperature": 0.0,
-    }))
-    controller = Controller(spec)
-    baseline = controller.evaluate()
+def _controller(output_dir: Path, **overrides) -> Controller:
+    return Controller(job_spec_from_dict(apply_overrides({}, {
+        "steps": STEPS, "output_dir": str(output_dir), "data.eval_every": 0, "data.heldout": HELDOUT,
+        "data.eval_temperature": 0.0, **overrides,
+    })))
+
+
+def _run_and_evaluate(controller: Controller) -> float:
     records = controller.run()
-    final = controller.evaluate()
     assert all(r["sd"]["num_drafts"] > 0 for r in records)  # speculation ran in the tail
     assert sum(r["drafter_train"]["steps"] for r in records) > 0  # and so did online drafter training
-    accuracy = _sampled_accuracy(demo_model_dir)
-    if accuracy is not None and accuracy > MAX_SAMPLED_ACCURACY:
-        # A strong build: a few steps cannot show a gain (see above), but they must not harm it as an update
-        # that climbs the wrong way does.
-        assert final >= baseline - MAX_DROP, (baseline, final)
-        pytest.skip(f"held-out reward {baseline:.3f} -> {final:.3f} (kept within {MAX_DROP}); the gain is not "
-                    f"checked: this machine's demo build solves {accuracy:.1%} of held-out problems at T=1, "
-                    f"above the {MAX_SAMPLED_ACCURACY:.0%} where a few-step gain was measured")
-    if accuracy is not None and accuracy < MIN_SAMPLED_ACCURACY:
-        pytest.skip(f"held-out reward {baseline:.3f} -> {final:.3f} not checked: this machine's demo build solves "
-                    f"{accuracy:.1%} of held-out problems at T=1 (training_summary.json), below the "
-                    f"{MIN_SAMPLED_ACCURACY:.0%} a few-step RL gain needs; builds vary by CPU")
-    # Greedy evaluation: the rollouts' SD switches on by measured speed, so the sampled tokens (never their
-    # distribution) vary from run to run, and one T=1 sample per prompt made the check flaky (0.035 -> 0.047
-    # to 0.066 over runs). Greedy held-out reward measured 0.113 -> 0.141 in each of two runs.
-    assert final >= baseline + 0.015, (baseline, final)
+    return controller.evaluate()
+
+
+def test_rl_improves_the_heldout_reward_of_a_weakened_policy(tmp_path, demo_model_dir, demo_drafter_dir):
+    tried = []
+    for noise in NOISE_LEVELS:
+        policy = weakened_copy(demo_model_dir, tmp_path / f"weak-{noise}", noise)
+        controller = _controller(tmp_path / f"rl-{noise}", **{"model.path": str(policy),
+                                                              "drafter.init": str(demo_drafter_dir)})
+        baseline = controller.evaluate()
+        tried.append((noise, baseline))
+        if BASELINE_WINDOW[0] <= baseline <= BASELINE_WINDOW[1]:
+            break
+        controller.close()
+    else:
+        raise AssertionError(f"no noise level put the held-out reward in {BASELINE_WINDOW}: {tried}")
+    final = _run_and_evaluate(controller)
+    print(f"weakened policy (noise {noise}): held-out reward {baseline:.3f} -> {final:.3f}")
+    assert final >= baseline + MIN_GAIN, (noise, baseline, final)
+
+
+def test_a_few_rl_steps_keep_a_strong_policy(tmp_path, demo_model_dir, demo_drafter_dir):
+    controller = _controller(tmp_path / "rl")
+    baseline = controller.evaluate()
+    final = _run_and_evaluate(controller)
+    print(f"demo policy: held-out reward {baseline:.3f} -> {final:.3f}")
+    # an update that climbs the wrong way, or a learning rate too large for the build, loses more
+    assert final >= baseline - MAX_DROP, (baseline, final)
