@@ -39,7 +39,7 @@ they are skipped and the ratios against vLLM are not printed. The baseline is vL
 * ``--vllm-layout one-process`` (default): front end, scheduler and model in this process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vLLM's single-process executor). vLLM's default layout runs them as
   three processes (front end, engine core, worker), which on a 2-core machine fight over the cores: measured
-  here, plain vLLM took 2.6-3.7 s on ``--quick`` that way and 1.31-1.37 s in one process (starts 17-22 s vs
+  here, plain vLLM took 1.8-3.7 s on ``--quick`` that way and 1.31-1.47 s in one process (starts 17-22 s vs
   5-11 s). ``multiprocess`` keeps vLLM's default layout.
 * vLLM's CPU default pins its model to all cores but one, which it keeps for the scheduler; on a 2-core
   machine that leaves it one, so by default this gives vLLM every core (``--vllm-cpus all``; ``auto`` keeps

@@ -331,6 +331,7 @@ class VllmRolloutEngine(StepLoop):
         require_vllm()
         vllm_env_defaults()
         from vllm import EngineArgs
+        from vllm import envs as vllm_envs
         from vllm.v1.engine.llm_engine import LLMEngine
 
         if max_running < 1:
@@ -376,7 +377,7 @@ class VllmRolloutEngine(StepLoop):
         self.engine = LLMEngine.from_engine_args(EngineArgs(**args),
                                                  stat_loggers=[lambda _cfg, _idx: _SpecStatsLogger(self)])
         # vLLM's own reading of VLLM_ENABLE_V1_MULTIPROCESSING, which decided the layout just now
-        self.one_process = not vllm_envs().VLLM_ENABLE_V1_MULTIPROCESSING
+        self.one_process = not vllm_envs.VLLM_ENABLE_V1_MULTIPROCESSING
         self.fixed_cpu_expand_kernel = any(self.engine.collective_rpc("tlt_fix_cpu_expand_kernel"))
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -641,13 +642,6 @@ def one_engine_process_defaults(device_type: str) -> None:
     pass's context in one global, so two engines stepping at once in one process would mix them up."""
     if device_type == "cpu":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
-def vllm_envs() -> Any:
-    """``vllm.envs``: vLLM's environment settings as vLLM reads them."""
-    import vllm.envs
-
-    return vllm.envs
 
 
 def resolve_kv_cache_bytes(requested: int | None) -> int | None:
