@@ -134,3 +134,18 @@ def test_the_vllm_rollout_service_sets_the_layout_before_its_engine_starts(tmp_p
     with pytest.raises(StartedError):
         serve._rollout(spec, serve.ServeOptions("rollout"), ArtifactStore(tmp_path / "store"), tmp_path, None)
     assert seen == [None if torch.cuda.is_available() else "0"]
+
+
+def test_in_process_vllm_workers_refuse_the_one_process_layout(tmp_path, monkeypatch):
+    from tlt.config import job_spec_from_dict
+    from tlt.controller.services import build_inproc
+    from tlt.rollout.backends.vllm import check_engines_can_share_process
+    from tlt.store import ArtifactStore
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    check_engines_can_share_process(1)  # one engine may run in this process
+    spec = job_spec_from_dict({"rollout": {"backend": "vllm", "workers": 2}})
+    with pytest.raises(ConfigError, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
+        build_inproc(spec, tmp_path / "model", ArtifactStore(tmp_path / "store"))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    check_engines_can_share_process(2)  # vLLM's own layout: each engine's model runs in its own process

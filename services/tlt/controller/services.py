@@ -45,6 +45,10 @@ def build_inproc(spec: JobSpec, model_dir: Path, store: ArtifactStore) -> Servic
     from tlt.rollout.worker import RolloutWorker
     from tlt.trainer.service import TrainerEndpoint
 
+    if spec.rollout.backend == "vllm":
+        from tlt.rollout.backends.vllm import check_engines_can_share_process
+
+        check_engines_can_share_process(spec.rollout.workers)  # before anything loads
     trainer = TrainerEndpoint(spec, model_dir, store)
     aggregator = None
     if spec.rollout.speculative.mode != "off":

@@ -644,6 +644,16 @@ def one_engine_process_defaults(device_type: str) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def check_engines_can_share_process(engines: int) -> None:
+    """ConfigError when ``engines`` vLLM engines are to step at once in this process while vLLM is told to run
+    in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): their forward passes would share vLLM's one global
+    forward context and mix up each other's batches."""
+    if engines > 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip() == "0":
+        raise ConfigError(f"rollout.workers: {engines} vLLM workers in one process need vLLM's multi-process layout, "
+                          "but VLLM_ENABLE_V1_MULTIPROCESSING=0 is set: unset it, or run the workers as service "
+                          "processes (tlt run without --inproc)")
+
+
 def resolve_kv_cache_bytes(requested: int | None) -> int | None:
     """The KV cache size to ask vLLM for (None: vLLM decides).
 
