@@ -633,6 +633,9 @@ def vllm_env_defaults() -> None:
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 def one_engine_process_defaults(device_type: str) -> None:
     """Defaults for a process that holds one vLLM engine (a rollout service), a value already set winning: on
     ``device_type`` cpu, vLLM's front end, scheduler and model run in this process
@@ -641,14 +644,23 @@ def one_engine_process_defaults(device_type: str) -> None:
     1.8-3.7 s in three). Not where several engines share a process (in-process jobs): vLLM keeps the forward
     pass's context in one global, so two engines stepping at once in one process would mix them up."""
     if device_type == "cpu":
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault(MULTIPROCESSING_ENV, "0")
+
+
+def one_process_requested() -> bool:
+    """Whether ``VLLM_ENABLE_V1_MULTIPROCESSING`` tells vLLM to run in one process, parsed as vLLM parses it
+    (an integer, 0 = off; unset = on), without importing vLLM."""
+    try:
+        return int(os.environ.get(MULTIPROCESSING_ENV, "1")) == 0
+    except ValueError:
+        return False  # not a value vLLM accepts: vLLM reports it when the engine starts
 
 
 def check_engines_can_share_process(engines: int) -> None:
     """ConfigError when ``engines`` vLLM engines are to step at once in this process while vLLM is told to run
     in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): their forward passes would share vLLM's one global
     forward context and mix up each other's batches."""
-    if engines > 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip() == "0":
+    if engines > 1 and one_process_requested():
         raise ConfigError(f"rollout.workers: {engines} vLLM workers in one process need vLLM's multi-process layout, "
                           "but VLLM_ENABLE_V1_MULTIPROCESSING=0 is set: unset it, or run the workers as service "
                           "processes (tlt run without --inproc)")
