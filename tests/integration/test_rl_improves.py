@@ -1,5 +1,4 @@
-"""A few GRPO steps of the whole TLT loop improve the held-out reward of a policy with room to improve, and keep
-a strong one.
+"""A few GRPO steps of the whole TLT loop improve the held-out reward of a policy with room to improve.
 
 Where a few-step gain is measurable depends on the policy. On the shipped demo build (60-70% of held-out
 problems solved) the policy gradient of a step is mostly noise: gradients of independent 256-sample batches
@@ -9,14 +8,19 @@ lowered greedy held-out reward alike (0.631 -> 0.584 and 0.568, 800 prompts); at
 policy weakened by seeded Gaussian noise on its matrices (0.6 x each matrix's std took greedy held-out reward
 from 0.715 to 0.168): 4 steps of the default job raised it to 0.270 (lr 1e-5) and 0.277 (lr 5e-5), while the
 same 4 steps with advantages of flipped sign lowered it to 0.078 (2026-11-29, 256 prompts) -- the reward
-signal, not the noise fading, is what moves it. The shipped build must not be harmed by the same steps.
+signal, not the noise fading, is what moves it. On the shipped build the same 4 steps kept greedy held-out
+reward at 0.637 -> 0.637 (256 prompts; flipped advantages 0.637 -> 0.605, lr 5e-5 0.637 -> 0.621) and
+0.812 -> 0.824 on another build; that check takes ~140 s more, so it runs only with ``TLT_LONG_TESTS=1`` (the
+default suite must stay within its time budget).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -31,9 +35,7 @@ STEPS = 4
 NOISE_LEVELS = (0.6, 0.5, 0.7, 0.4, 0.8)
 BASELINE_WINDOW = (0.08, 0.40)
 MIN_GAIN = 0.05  # measured +0.10 and +0.11; flipped advantages -0.09
-# 256 greedy prompts, 4 steps on the shipped build: the default lr kept 0.637 -> 0.637, advantages of flipped
-# sign fell 0.637 -> 0.605 and lr 5e-5 0.637 -> 0.621.
-MAX_DROP = 0.02
+MAX_DROP = 0.02  # what the shipped build may lose in the same steps (measured 0.000 and +0.012)
 
 
 def weakened_copy(model_dir: Path, out_dir: Path, noise: float, seed: int = 0) -> Path:
@@ -86,6 +88,8 @@ def test_rl_improves_the_heldout_reward_of_a_weakened_policy(tmp_path, demo_mode
     assert final >= baseline + MIN_GAIN, (noise, baseline, final)
 
 
+
+@pytest.mark.skipif(not os.environ.get("TLT_LONG_TESTS"), reason="~140 s; set TLT_LONG_TESTS=1 to run it")
 def test_a_few_rl_steps_keep_a_strong_policy(tmp_path, demo_model_dir, demo_drafter_dir):
     controller = _controller(tmp_path / "rl")
     baseline = controller.evaluate()
