@@ -88,8 +88,7 @@ def test_rl_improves_the_heldout_reward_of_a_weakened_policy(tmp_path, demo_mode
     assert final >= baseline + MIN_GAIN, (noise, baseline, final)
 
 
-
-@pytest.mark.skipif(not os.environ.get("TLT_LONG_TESTS"), reason="~140 s; set TLT_LONG_TESTS=1 to run it")
+@pytest.mark.skipif(os.environ.get("TLT_LONG_TESTS") != "1", reason="~140 s; set TLT_LONG_TESTS=1 to run it")
 def test_a_few_rl_steps_keep_a_strong_policy(tmp_path, demo_model_dir, demo_drafter_dir):
     controller = _controller(tmp_path / "rl")
     baseline = controller.evaluate()
