@@ -363,11 +363,19 @@ async def running_operator(kube_emulator: Emulator, role_recorder: RecordingRole
     # (here: pytest-asyncio's finalizer task and kmock's keep-alive connections), after a 5 s wait. The
     # exclusion set is read at exit, so the test's own tasks are added to it just before stopping.
     ignored: set[asyncio.Task] = set(asyncio.all_tasks())
+    kube_before = handlers._KUBE
     tasks = await kopf.spawn_tasks(standalone=True, clusterwide=False, namespaces=[NAMESPACE],
                                    stop_flag=stop, ready_flag=ready)
     task = asyncio.create_task(kopf.run_tasks(tasks, ignored=ignored))
     try:
         await asyncio.wait_for(ready.wait(), 15)
+        # kopf is ready before its (sync) login handler has run in kopf's executor thread; that thread must not be
+        # left running while this loop stands still between test phases: its first kubernetes Configuration()
+        # registers the "client" logger while pytest's logging plugin walks logging's loggerDict at the next phase
+        # ("RuntimeError: dictionary changed size during iteration" in contextlib's __enter__).
+        async def logged_in() -> bool:
+            return handlers._KUBE is not kube_before
+        await eventually(logged_in, timeout=15, what="the operator's login handler")
         yield task
         assert not task.done(), "the operator exited during the test"
     finally:
