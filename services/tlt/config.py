@@ -99,10 +99,10 @@ class SpeculativeSpec:
 class RolloutSpec:
     """Rollout workers and sampling. ``backend``: ``native`` (our engine) or ``vllm`` (the optional vLLM
     backend: chain drafts on a fixed batch-size schedule, no drafter training on its workers). ``compile``:
-    the native engine ``torch.compile``s its decode, verification and drafter forwards when a worker
-    starts; the vLLM backend runs vLLM compiled (``enforce_eager=False``: dynamo and inductor, plus CUDA
-    graphs on GPU). False keeps each backend's default: native eager; vLLM eager on CPU (faster start),
-    compiled on GPU."""
+    the native engine ``torch.compile``s its decode and verification forwards, drafter catch-up and tree
+    expansion when a worker starts; the vLLM backend runs vLLM compiled (``enforce_eager=False``: dynamo and
+    inductor, plus CUDA graphs on GPU). False keeps each backend's default: native eager; vLLM eager on CPU
+    (faster start), compiled on GPU."""
 
     workers: int = 2
     max_running: int = 64

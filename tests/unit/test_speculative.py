@@ -219,7 +219,6 @@ def test_compiled_drafter_warm_up_covers_one_token_catch_ups(target, drafter):
     runs a one-token catch-up; warm_up still compiles the drafter for it (one row and several, any start)."""
     from torch._dynamo.utils import counters
 
-    from tlt.models.transformer import _attention_mask
     from tlt.rollout.speculative import _last_query_mask
 
     engine = RolloutEngine(target, max_running=4, drafter=drafter,
@@ -234,12 +233,56 @@ def test_compiled_drafter_warm_up_covers_one_token_catch_ups(target, drafter):
             cols = starts[:, None] + torch.arange(tokens)[None, :]
             feats = torch.randn(rows, tokens, width).to(drafter.fc.dtype)
             ids = torch.ones(rows, tokens, dtype=torch.long)
-            spec._drafter_forward(ids, drafter.fuse(feats), cols, spec.drafter_cache, 0, cols, start + tokens,
-                                  _attention_mask(starts, tokens, start + tokens, None))
             last = torch.full((rows,), tokens - 1)
             spec._drafter_catch_up(ids, drafter.fuse(feats), cols, spec.drafter_cache, 0, cols, start + tokens,
                                    _last_query_mask(starts + last, start + tokens), last)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_tree_expansion_is_warmed_up_for_any_row_count(target, drafter):
+    """The compiled tree expansion (drafter steps + tree bookkeeping, one graph per strategy) is compiled by
+    warm_up's generations at one and two rows for every strategy, also for the row counts and cache lengths
+    (three rows, where a top-k of 2 no longer equals the row count) a rollout reaches later."""
+    from torch._dynamo.utils import counters
+
+    strategies = ["3_1_4", "3_2_6"]
+    engine = RolloutEngine(target, max_running=4, drafter=drafter,
+                           tuner=BegMabTuner(TunerConfig(strategies=strategies)), compile=True)
+    engine.warm_up(_prompts(target.config.vocab_size, 1, seed=3)[0])
+    graphs = counters["stats"]["unique_graphs"]
+    spec = engine.spec
+    hidden, vocab = drafter.config.attn.hidden_size, drafter.config.draft_vocab_size
+    with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for name in strategies:
+            strategy = SpecStrategy.parse(name)
+            for rows, base in ((1, 5), (3, 9), (4, 40), (2, 17)):
+                cache_lens = torch.arange(rows) + base
+                tokens, parents, depth, mask, closed = spec._draft_tree(
+                    torch.randn(rows, hidden).to(drafter.fc.dtype), torch.randn(rows, vocab), cache_lens,
+                    torch.ones(rows, dtype=torch.long), spec.drafter_cache,
+                    base + rows - 1 + (strategy.depth - 1) * strategy.topk, strategy.topk, strategy.depth,
+                    strategy.num_verify)
+                n = strategy.num_verify
+                assert bool(closed) and tokens.shape == parents.shape == (rows, n) and mask.shape == (rows, n, n)
+                assert int(depth.max()) <= strategy.depth
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_engine_makes_room_for_a_tree_graph_per_strategy_and_row_class(target, drafter):
+    """Two tree-expansion graphs per strategy (one row, more): with five strategies that passes dynamo's default
+    limit of 8 graphs per function, past which it would run the expansion eagerly; the engine raises the limit
+    (compiling ten graphs to watch it would take minutes of a cold CI run, so this reads the setting)."""
+    strategies = ["2_1_2", "2_2_3", "2_2_4", "2_3_4", "2_4_5"]
+    with torch._dynamo.config.patch(recompile_limit=8):
+        RolloutEngine(target, max_running=4, drafter=drafter, compile=False,
+                      tuner=BegMabTuner(TunerConfig(strategies=strategies)))
+        assert torch._dynamo.config.recompile_limit == 8  # eager engines leave it alone
+        RolloutEngine(target, max_running=4, drafter=drafter, compile=True,
+                      tuner=BegMabTuner(TunerConfig(strategies=strategies)))
+        assert torch._dynamo.config.recompile_limit == 10
+        RolloutEngine(target, max_running=4, drafter=drafter, compile=True,
+                      tuner=BegMabTuner(TunerConfig(strategies=strategies[:2])))
+        assert torch._dynamo.config.recompile_limit == 10  # never lowered
 
 
 def test_catch_up_forward_at_the_last_token_equals_the_full_forward(drafter):

@@ -31,8 +31,10 @@ def _random_tree(rows: int, generator: torch.Generator, vocab: int = 6, num_veri
         best_scores, best = child_scores.topk(topk, dim=-1)
         front_ids, front_scores = next_id + best, best_scores
         next_id += topk * topk
-    return SpeculativeDecoder._select(root, torch.cat(tokens, 1), torch.cat(scores, 1), torch.cat(parents, 1),
-                                      num_verify, depth)
+    tree_tokens, tree_parents, tree_depth, mask, closed = SpeculativeDecoder._select(
+        root, torch.cat(tokens, 1), torch.cat(scores, 1), torch.cat(parents, 1), num_verify, depth)
+    assert bool(closed)
+    return DraftTree(tree_tokens, tree_parents, tree_depth, mask, depth)
 
 
 def _walk(tree: DraftTree, row: int, drawn: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -92,3 +94,13 @@ def test_uniform_stream_reads_ahead_without_changing_the_sequence():
         stream.consume(used)
         got.append(float(stream.take()))
     assert got[:40] == expected
+
+
+def test_selection_flags_a_choice_that_is_not_ancestor_closed():
+    """Drafted scores fall along a path (a child's score adds a log-prob to its parent's), so the best nodes form
+    a tree; were a child to outrank its parent, ``_select`` says so (the decoder then raises)."""
+    root = torch.tensor([7])
+    tokens, scores, parents = torch.tensor([[3, 4]]), torch.tensor([[-5.0, -1.0]]), torch.tensor([[0, 1]])
+    assert not bool(SpeculativeDecoder._select(root, tokens, scores, parents, num_verify=2, max_depth=2)[-1])
+    assert bool(SpeculativeDecoder._select(root, tokens, torch.tensor([[-1.0, -5.0]]), parents, num_verify=2,
+                                           max_depth=2)[-1])

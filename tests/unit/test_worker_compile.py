@@ -24,9 +24,9 @@ def test_rollout_compile_compiles_the_engine_when_the_worker_starts(compile_, pe
                                "drafter": {"init": "random", "online_training": False}})
     model = load_model(peaky_model_dir, dtype="float32")
     worker = RolloutWorker("w", model, spec, new_drafter(model, seed=0), ArtifactStore(tmp_path / "store"))
-    assert worker.engine.spec is not None  # adaptive SD: the drafter's forward is compiled too
+    assert worker.engine.spec is not None  # adaptive SD: the drafter catch-up and tree expansion are compiled too
     if compile_:
-        assert sorted(compiled) == ["forward", "forward_cached", "forward_cached_last"] and len(warmed) == 1
+        assert sorted(compiled) == ["_expand_tree", "forward", "forward_cached_last"] and len(warmed) == 1
         prompt = warmed[0][0]
         assert prompt and all(0 <= t < model.config.vocab_size for t in prompt)
     else:

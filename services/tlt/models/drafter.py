@@ -244,8 +244,9 @@ class Eagle3Drafter(nn.Module):
         a ``[B, 1, 1, key_len]`` mask, and the output has one token per row (a one-layer drafter's K/V depend on
         its input alone).
         """
-        # A method of its own, not an option of forward_cached: torch.compile keeps its graphs (and their
-        # recompile limit) per code object, and the two calls' shape classes together would pass that limit.
+        # A method of its own, not an option of forward_cached: it is the catch-up's compiled entry point, and
+        # torch.compile keeps graphs (and their recompile limit) per code object, while forward_cached runs
+        # inlined in the draft steps of the compiled tree expansion (tlt.rollout.speculative).
         q, keys, values = self._write_kv(tokens, hidden, positions, cache, slot_offset, write_cols, key_len)
         batch = torch.arange(tokens.shape[0], device=tokens.device)
         q = q[batch, :, query_index].unsqueeze(2)

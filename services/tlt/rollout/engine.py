@@ -164,9 +164,10 @@ class RolloutEngine(StepLoop):
         drafter: an EAGLE-3 drafter for speculative decoding (None: plain decoding only).
         tuner: decides per step whether to speculate and with which strategy (default: BEG-MAB
             with default settings when a drafter is given).
-        compile: ``torch.compile`` the decode, tree-verification and drafter forwards (dynamic shapes,
-            inductor; vLLM's CPU backend compiles its model the same way). Prefill stays eager. Call
-            :meth:`warm_up` before serving, so that graphs are compiled then and not mid-rollout.
+        compile: ``torch.compile`` the decode and tree-verification forwards, the drafter's catch-up and
+            the tree expansion (dynamic shapes, inductor; vLLM's CPU backend compiles its model the same way).
+            Prefill stays eager. Call :meth:`warm_up` before serving, so that graphs are compiled then and not
+            mid-rollout.
         cuda_graphs: replay CUDA graphs of the decode and verification forwards (see
             :mod:`tlt.rollout.cuda_graphs`), captured here. None (default): on when the model is on a CUDA
             device and ``compile`` is off. True on a CPU model runs the same static shapes eagerly (for tests).
@@ -223,7 +224,8 @@ class RolloutEngine(StepLoop):
         if drafter is not None:
             self.spec = SpeculativeDecoder(model, drafter, self.cache, max_running,
                                            self.max_seq_len + cache_headroom + draft_headroom,
-                                           target_forward=self._target_forward, compile=compile)
+                                           target_forward=self._target_forward, compile=compile,
+                                           num_strategies=len(strategies))
         self.stats = self.spec.stats if self.spec else SpecDecodeStats()
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()

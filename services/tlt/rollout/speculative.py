@@ -29,7 +29,7 @@ import torch
 
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.kv_cache import StaticKVCache
-from tlt.models.transformer import CausalLM, ForwardOutput, _attention_mask
+from tlt.models.transformer import CausalLM, ForwardOutput
 from tlt.rollout.sampling import processed_probs, sample_from_probs, token_logprobs
 from tlt.rollout.tuner import SpecStrategy
 
@@ -204,18 +204,28 @@ def _compiled(fn: Callable) -> Callable:
     return _distinct_contiguous_args(torch.compile(fn, dynamic=True))
 
 
+def _allow_graphs_per_function(count: int) -> None:
+    """Let dynamo keep at least ``count`` graphs per compiled function before it gives up and runs one eagerly.
+    Its limit (``recompile_limit``, 8) is process-wide; vLLM raises it the same way for its own graphs."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
+
+
 class SpeculativeDecoder:
     """Drafts, verifies and commits speculative tokens for the engine's running sequences."""
 
     def __init__(self, target: CausalLM, drafter: Eagle3Drafter, target_cache: StaticKVCache,
                  num_slots: int, max_len: int, target_forward: Callable[..., ForwardOutput] | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, num_strategies: int = 1) -> None:
         """``target_forward``: the target's forward to verify with (the engine's, compiled or not; default
-        ``target.forward``); ``compile``: ``torch.compile`` the drafter's forward (dynamic shapes)."""
+        ``target.forward``); ``compile``: ``torch.compile`` (dynamic shapes) the drafter's catch-up and the tree
+        expansion, whose drafter steps and tree bookkeeping then run as one graph per strategy and row-count
+        class (one row, more): ``num_strategies`` says how many strategies there will be."""
+        if compile:
+            _allow_graphs_per_function(2 * num_strategies)
         self.target = target
         self._verify_forward = target_forward or target.forward
-        self._drafter_forward = _compiled(drafter.forward_cached) if compile else drafter.forward_cached
         self._drafter_catch_up = _compiled(drafter.forward_cached_last) if compile else drafter.forward_cached_last
+        self._draft_tree = _compiled(self._expand_tree) if compile else self._expand_tree
         self.drafter = drafter
         self.target_cache = target_cache
         self.drafter_cache = drafter.new_cache(num_slots, max_len)
@@ -224,12 +234,12 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def warm_up_drafter(self) -> None:
-        """Call the drafter's forward once per shape class a rollout can give it: 1 or more rows, 1 or more
-        tokens (a catch-up after nothing was accepted is one token wide), starting at cache position 0 or
-        later, as a draft step and as a catch-up (output at one token per row). Generation alone need not
-        reach every class (a good drafter has nothing rejected in a short warm-up), and a compiled drafter
-        would then compile the missing graph mid-rollout. Writes only scratch K/V into idle drafter cache
-        slots."""
+        """Call the drafter's catch-up once per shape class a rollout can give it: 1 or more rows, 1 or more
+        tokens (a catch-up after nothing was accepted is one token wide), starting at cache position 0 or later.
+        Generation alone need not reach every class (a good drafter has nothing rejected in a short warm-up),
+        and a compiled catch-up would then compile the missing graph mid-rollout. (The tree expansion's classes,
+        a strategy at one row or more, are those the engine's warm-up generates.) Writes only scratch K/V into
+        idle drafter cache slots."""
         device = self.target.device
         width = len(self.aux_layers) * self.drafter.config.target_hidden_size
         for rows in range(1, min(2, self.drafter_cache.keys[0].shape[0]) + 1):
@@ -239,8 +249,6 @@ class SpeculativeDecoder:
                     cols = starts[:, None] + torch.arange(tokens, device=device)[None, :]
                     feats = torch.zeros(rows, tokens, width, dtype=self.drafter.fc.dtype, device=device)
                     ids = torch.zeros(rows, tokens, dtype=torch.long, device=device)
-                    self._drafter_forward(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
-                                          start + tokens, _attention_mask(starts, tokens, start + tokens, None))
                     last = torch.full((rows,), tokens - 1, device=device)
                     self._drafter_catch_up(ids, self.drafter.fuse(feats), cols, self.drafter_cache, 0, cols,
                                            start + tokens, _last_query_mask(starts + last, start + tokens), last)
@@ -308,11 +316,26 @@ class SpeculativeDecoder:
     def _draft(self, seqs: list, h_root: torch.Tensor, logits_root: torch.Tensor, strategy: SpecStrategy
                ) -> DraftTree:
         device = self.target.device
-        b, k, depth = len(seqs), strategy.topk, strategy.depth
-        base = torch.tensor([s.cache_len for s in seqs], device=device)  # == drafter_len after catch-up
-        scratch = max(depth - 1, 0) * k
+        cache_lens = [s.cache_len for s in seqs]  # == drafter_len after catch-up
+        base = torch.tensor(cache_lens, device=device)
         root_tokens = torch.tensor([s.all_tokens[-1] for s in seqs], device=device)
+        key_len = max(cache_lens) + max(strategy.depth - 1, 0) * strategy.topk
+        tokens, parents, depth, mask, closed = self._draft_tree(
+            h_root, logits_root, base, root_tokens, self.drafter_cache, key_len, strategy.topk, strategy.depth,
+            strategy.num_verify)
+        if not bool(closed):
+            raise RuntimeError("draft tree selection is not ancestor-closed")
+        return DraftTree(tokens, parents, depth, mask, strategy.depth)
 
+    def _expand_tree(self, h_root: torch.Tensor, logits_root: torch.Tensor, base: torch.Tensor,
+                     root_tokens: torch.Tensor, drafter_cache: StaticKVCache, key_len: int, k: int, depth: int,
+                     num_verify: int) -> tuple[torch.Tensor, ...]:
+        """Tensor part of :meth:`_draft` (one compiled graph per strategy when the engine compiles): ``depth - 1``
+        drafter steps from the root's state, then :meth:`_select`; returns the tree's tokens, parents, depths,
+        mask and whether the selection was ancestor-closed."""
+        device = h_root.device
+        b = h_root.shape[0]
+        scratch = max(depth - 1, 0) * k
         logp = torch.log_softmax(logits_root.float(), dim=-1)
         top_lp, top_ids = logp.topk(k, dim=-1)
         node_tokens = [self.drafter.to_target_ids(top_ids)]
@@ -326,7 +349,6 @@ class SpeculativeDecoder:
         next_id = k + 1
         # Scratch K/V of draft step s's frontier sit at base + (s-1)*k .. base + s*k - 1; what each query may
         # see there changes per step, the rest of the mask does not.
-        key_len = int(base.max()) + scratch
         rel = torch.arange(key_len, device=device)[None, :] - base[:, None]  # [B, key_len]
         in_scratch = ((rel >= 0) & (rel < scratch))[:, None, :]
         prefix = (rel < 0)[:, None, :]
@@ -338,8 +360,8 @@ class SpeculativeDecoder:
             visible = front_anc | own
             mask = (prefix | (visible.gather(2, scratch_index) & in_scratch)).unsqueeze(1)
             positions = (base + step - 1)[:, None].expand(b, k)
-            out = self._drafter_forward(front_tokens, front_hidden, positions, self.drafter_cache, 0,
-                                        base[:, None] + own_cols[None, :], key_len, mask)
+            out = self.drafter.forward_cached(front_tokens, front_hidden, positions, drafter_cache, 0,
+                                              base[:, None] + own_cols[None, :], key_len, mask)
             logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, Vd]
             child_lp, child_ids = logp.topk(k, dim=-1)
             child_scores = (front_scores[:, :, None] + child_lp).reshape(b, k * k)
@@ -357,12 +379,13 @@ class SpeculativeDecoder:
             front_anc = front_anc.gather(1, parent_slot[:, :, None].expand(-1, -1, width)) | parent_own
             next_id += k * k
         return self._select(root_tokens, torch.cat(node_tokens, 1), torch.cat(node_scores, 1),
-                            torch.cat(node_parents, 1), strategy.num_verify, depth)
+                            torch.cat(node_parents, 1), num_verify, depth)
 
     @staticmethod
     def _select(root_tokens: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, parents: torch.Tensor,
-                num_verify: int, max_depth: int) -> DraftTree:
-        """Keep the ``num_verify-1`` best nodes (ancestor-closed) in creation order, plus the root."""
+                num_verify: int, max_depth: int) -> tuple[torch.Tensor, ...]:
+        """Keep the ``num_verify-1`` best nodes (ancestor-closed) in creation order, plus the root: the tree's
+        tokens, parents, depths and ancestor-or-self mask, and whether every kept node's parent was kept."""
         b, m = tokens.shape
         device = tokens.device
         order = torch.sort(-scores, dim=1, stable=True).indices[:, : num_verify - 1]
@@ -372,9 +395,8 @@ class SpeculativeDecoder:
         inverse[:, 0] = 0
         inverse.scatter_(1, node_ids, torch.arange(1, num_verify, device=device)[None].expand(b, -1))
         parent_pos = inverse.gather(1, parents.gather(1, chosen))
-        if (parent_pos < 0).any():
-            raise RuntimeError("draft tree selection is not ancestor-closed")
-        tree_parents = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), parent_pos], dim=1)
+        closed = (parent_pos >= 0).all()
+        tree_parents = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), parent_pos.clamp(min=0)], dim=1)
         tree_tokens = torch.cat([root_tokens[:, None], tokens.gather(1, chosen)], dim=1)
         # Ancestor-or-self mask: hop to the parent max_depth times (the root is its own parent).
         hop = torch.arange(num_verify, device=device)[None].expand(b, -1)
@@ -384,7 +406,7 @@ class SpeculativeDecoder:
             hop = tree_parents.gather(1, hop)
             mask.scatter_(2, hop[:, :, None], True)
         depth = mask.sum(-1) - 1
-        return DraftTree(tree_tokens, tree_parents, depth, mask, max_depth)
+        return tree_tokens, tree_parents, depth, mask, closed
 
     def _accept(self, seqs: list, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
         """The target's draw at every node (argmax, or inverse CDF at the row's uniform for the node's depth),
