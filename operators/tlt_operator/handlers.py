@@ -281,6 +281,21 @@ def condition_status(status: Mapping[str, Any], type_: str) -> tuple[str | None,
     return None, None
 
 
+def announce_outcome(body: Mapping[str, Any], old: Mapping[str, Any], patch: Mapping[str, Any],
+                     message: str) -> None:
+    """Post the Event for a status write that moved the phase to Complete or Failed (controller outcome).
+
+    Both writers call this (the handlers' reconcile and the planner daemon): whichever of them sees the
+    finished Job first writes the phase, and the other then finds nothing new, so the Event must go with the write.
+    """
+    phase = patch.get("phase", old.get("phase"))
+    if phase == "Complete" and old.get("phase") != "Complete":
+        kopf.event(body, type="Normal", reason="Complete", message=message)
+    # Failed may already be the phase for an invalid spec; the controller's failure is news all the same.
+    elif phase == "Failed" and patch and condition_status(old, "Failed") != ("True", "ControllerFailed"):
+        kopf.event(body, type="Warning", reason="ControllerFailed", message=message)
+
+
 def controller_outcome(job: Mapping[str, Any] | None) -> tuple[str | None, str]:
     """("Complete" | "Failed" | None, message) from the controller Job's status."""
     if not job:
@@ -378,7 +393,8 @@ def reconcile(body: Mapping[str, Any], cause: str) -> None:
     conditions.append(("Complete", "True" if outcome == "Complete" else "False",
                        "ControllerSucceeded" if outcome == "Complete" else "NotFinished",
                        outcome_message if outcome == "Complete" else "the controller Job has not finished"))
-    old, _ = update_status(namespace, name, fields, conditions)
+    old, patch = update_status(namespace, name, fields, conditions)
+    announce_outcome(body, old, patch, outcome_message)
 
     was_suspended = condition_status(old, "Suspended")[0] == "True"
     if cause == "create":
@@ -620,11 +636,7 @@ class Planner:
             return  # nothing new: no API call
         old, patch = await asyncio.to_thread(update_status, self.namespace, self.name, fields, conditions,
                                              _planner_may_write)
-        if patch.get("phase") in ("Complete", "Failed") and old.get("phase") != patch["phase"]:
-            if patch["phase"] == "Complete":
-                kopf.event(body, type="Normal", reason="Complete", message=outcome_message)
-            else:
-                kopf.event(body, type="Warning", reason="ControllerFailed", message=outcome_message)
+        announce_outcome(body, old, patch, outcome_message)
 
     async def _plan(self, k: Kube, view: ClusterView, snapshot: progress.Snapshot, job_progress: planner.JobProgress,
                     job_spec: Any, roles: dict[str, planner.Role], fields: dict[str, Any],

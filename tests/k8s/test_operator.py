@@ -24,7 +24,7 @@ from tests.k8s.operator_fixtures import (  # noqa: E402
     rljob_manifest,
     rollout_page,
 )
-from tlt_operator import resources  # noqa: E402
+from tlt_operator import handlers, resources  # noqa: E402
 from tlt_operator.resources import LABEL_ROLE  # noqa: E402
 
 pytest_plugins = ["tests.k8s.operator_fixtures"]
@@ -118,6 +118,27 @@ def test_validate_spec_names_the_field():
     spec["job"], spec["planner"] = {}, {"intervalSeconds": 0}
     with pytest.raises(ConfigError, match=r"spec\.planner\.intervalSeconds"):
         resources.validate_spec(spec)
+
+
+_FAILED = {"type": "Failed", "status": "True", "reason": "ControllerFailed"}
+_INVALID = {"type": "Failed", "status": "True", "reason": "InvalidSpec"}
+
+
+@pytest.mark.parametrize("old, patch, expected", [
+    ({"phase": "Running"}, {"phase": "Failed", "conditions": [_FAILED]}, ["ControllerFailed"]),
+    ({"phase": "Running"}, {"phase": "Complete"}, ["Complete"]),
+    # an invalid spec had made it Failed; fixed, the Job is found failed: the phase stays, the news is new
+    ({"phase": "Failed", "conditions": [_INVALID]}, {"conditions": [_FAILED]}, ["ControllerFailed"]),
+    ({"phase": "Failed", "conditions": [_FAILED]}, {"observedGeneration": 2}, []),  # already announced
+    ({"phase": "Complete"}, {"observedGeneration": 2}, []),
+    ({"phase": "Running"}, {}, []),
+    ({"phase": "Running"}, {"phase": "Suspended"}, []),
+])
+def test_announce_outcome_posts_once_per_outcome(monkeypatch, old, patch, expected):
+    posted = []
+    monkeypatch.setattr(handlers.kopf, "event", lambda body, type, reason, message: posted.append(reason))
+    handlers.announce_outcome({}, old, patch, "why")
+    assert posted == expected
 
 
 # ---- against the emulator ---------------------------------------------------------------------------------
@@ -344,6 +365,25 @@ async def test_controller_failure_then_delete_cleans_up(running_operator, kube_a
         found = await _children(kube_api, "gone")
         return not any(found.values()) and await kube_api.rljob("gone") is None
     await eventually(all_gone, what="children and the RLJob deleted")
+
+
+@pytest.mark.asyncio
+async def test_a_job_found_failed_at_reconcile_is_announced(running_operator, kube_api):
+    """The controller Job failed before the handlers reconciled (it failed while the operator was down): the
+    handlers write phase Failed (the planner writes only once they have observed the generation), so they
+    must post the Event; the planner then finds nothing new to write."""
+    manifest = rljob_manifest("late")
+    (job,) = [c for c in resources.build_children(manifest) if c["kind"] == "Job"]
+    job = await kube_api.create(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", job)
+    await kube_api.patch(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/late-controller",
+                         {"status": {"failed": 4, "conditions": [{"type": "Failed", "status": "True",
+                                                                  "reason": "BackoffLimitExceeded",
+                                                                  "message": "Job has reached the backoff limit"}]}})
+    await kube_api.create(RLJOBS, manifest)
+    obj = await _wait_status(kube_api, "late", lambda o: o["status"].get("phase") == "Failed", "phase Failed")
+    assert _condition(obj, "Failed")["reason"] == "ControllerFailed"
+    events = await eventually(lambda: kube_api.events("late", "ControllerFailed"), what="a ControllerFailed event")
+    assert len(events) == 1 and "backoff limit" in events[0]["message"]
 
 
 @pytest.mark.asyncio
