@@ -260,8 +260,7 @@ def test_compiled_tree_expansion_is_warmed_up_for_any_row_count(target, drafter)
                 tokens, parents, depth, mask, closed = spec._draft_tree(
                     torch.randn(rows, hidden).to(drafter.fc.dtype), torch.randn(rows, vocab), cache_lens,
                     torch.ones(rows, dtype=torch.long), spec.drafter_cache,
-                    base + rows - 1 + (strategy.depth - 1) * strategy.topk, strategy.topk, strategy.depth,
-                    strategy.num_verify)
+                    base + rows - 1, strategy.topk, strategy.depth, strategy.num_verify)
                 n = strategy.num_verify
                 assert bool(closed) and tokens.shape == parents.shape == (rows, n) and mask.shape == (rows, n, n)
                 assert int(depth.max()) <= strategy.depth

@@ -319,23 +319,23 @@ class SpeculativeDecoder:
         cache_lens = [s.cache_len for s in seqs]  # == drafter_len after catch-up
         base = torch.tensor(cache_lens, device=device)
         root_tokens = torch.tensor([s.all_tokens[-1] for s in seqs], device=device)
-        key_len = max(cache_lens) + max(strategy.depth - 1, 0) * strategy.topk
         tokens, parents, depth, mask, closed = self._draft_tree(
-            h_root, logits_root, base, root_tokens, self.drafter_cache, key_len, strategy.topk, strategy.depth,
-            strategy.num_verify)
+            h_root, logits_root, base, root_tokens, self.drafter_cache, max(cache_lens), strategy.topk,
+            strategy.depth, strategy.num_verify)
         if not bool(closed):
             raise RuntimeError("draft tree selection is not ancestor-closed")
         return DraftTree(tokens, parents, depth, mask, strategy.depth)
 
     def _expand_tree(self, h_root: torch.Tensor, logits_root: torch.Tensor, base: torch.Tensor,
-                     root_tokens: torch.Tensor, drafter_cache: StaticKVCache, key_len: int, k: int, depth: int,
+                     root_tokens: torch.Tensor, drafter_cache: StaticKVCache, prefix_len: int, k: int, depth: int,
                      num_verify: int) -> tuple[torch.Tensor, ...]:
         """Tensor part of :meth:`_draft` (one compiled graph per strategy when the engine compiles): ``depth - 1``
         drafter steps from the root's state, then :meth:`_select`; returns the tree's tokens, parents, depths,
-        mask and whether the selection was ancestor-closed."""
+        mask and whether the selection was ancestor-closed. ``prefix_len`` is the longest row's cache length."""
         device = h_root.device
         b = h_root.shape[0]
         scratch = max(depth - 1, 0) * k
+        key_len = prefix_len + scratch
         logp = torch.log_softmax(logits_root.float(), dim=-1)
         top_lp, top_ids = logp.topk(k, dim=-1)
         node_tokens = [self.drafter.to_target_ids(top_ids)]
