@@ -83,17 +83,28 @@ def test_tree_depth_and_ancestor_mask_follow_the_parents():
 
 
 def test_uniform_stream_reads_ahead_without_changing_the_sequence():
+    """Past several of the stream's read-ahead blocks, with peeks longer than a block now and then."""
+    n = 5 * UniformStream.BLOCK
     plain = torch.Generator().manual_seed(7)
-    expected = [float(torch.rand((), generator=plain)) for _ in range(40)]
+    expected = [float(torch.rand((), generator=plain)) for _ in range(n)]
     stream, got = UniformStream(7), []
     g = torch.Generator().manual_seed(0)
-    while len(got) < 40:
-        ahead = stream.peek(int(torch.randint(1, 9, (), generator=g)))
-        used = int(torch.randint(1, ahead.numel() + 1, (), generator=g))
-        got.extend(float(u) for u in ahead[:used])
+    while len(got) < n:
+        longest = UniformStream.BLOCK + 9 if int(torch.randint(0, 8, (), generator=g)) == 0 else 9
+        ahead = stream.peek(int(torch.randint(1, longest, (), generator=g)))
+        used = int(torch.randint(1, len(ahead) + 1, (), generator=g))
+        got.extend(ahead[:used])
         stream.consume(used)
-        got.append(float(stream.take()))
-    assert got[:40] == expected
+        got.append(stream.take())
+    assert got[:n] == expected
+
+
+def test_uniform_stream_refuses_to_consume_what_was_not_peeked():
+    stream = UniformStream(7)
+    stream.peek(3)
+    stream.consume(2)
+    with pytest.raises(ValueError, match="passes the"):
+        stream.consume(UniformStream.BLOCK)
 
 
 def test_selection_flags_a_choice_that_is_not_ancestor_closed():

@@ -79,31 +79,39 @@ class UniformStream:
 
     Every emitted token uses the next uniform of the stream, with or without speculation: speculative
     verification looks ahead (:meth:`peek`, one uniform per tree depth) and then consumes only as many as it
-    emitted tokens, so the rest stay for the next tokens. (CPU generators give the same numbers drawn one at
-    a time or ``n`` at once, which a test checks.)
+    emitted tokens, so the rest stay for the next tokens. The generator is read in blocks of :attr:`BLOCK` into
+    a list of floats: one tensor call per block instead of several per token. (CPU generators give the same
+    numbers drawn one at a time or ``n`` at once, which a test checks.)
     """
 
-    __slots__ = ("_ahead", "generator")
+    BLOCK = 64
+    __slots__ = ("_ahead", "_next", "generator")
 
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
-        self._ahead = torch.empty(0)
+        self._ahead: list[float] = []
+        self._next = 0  # index in _ahead of the next unconsumed uniform
 
-    def peek(self, n: int) -> torch.Tensor:
+    def peek(self, n: int) -> list[float]:
         """The next ``n`` uniforms, not consumed."""
-        short = n - self._ahead.numel()
-        if short > 0:
-            self._ahead = torch.cat([self._ahead, torch.rand(short, generator=self.generator)])
-        return self._ahead[:n]
+        end = self._next + n
+        if end > len(self._ahead):
+            self._ahead = self._ahead[self._next:]
+            self._next, end = 0, n
+            short = n - len(self._ahead)
+            self._ahead += torch.rand(max(short, self.BLOCK), generator=self.generator).tolist()
+        return self._ahead[self._next:end]
 
     def consume(self, n: int) -> None:
         """Mark the next ``n`` uniforms as used (they must have been peeked)."""
-        self._ahead = self._ahead[n:]
+        if self._next + n > len(self._ahead):
+            raise ValueError(f"consume({n}) passes the {len(self._ahead) - self._next} uniforms peeked")
+        self._next += n
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> float:
         """The next uniform, consumed."""
-        u = self.peek(1)
-        self.consume(1)
+        u = self.peek(1)[0]
+        self._next += 1
         return u
 
 
@@ -116,18 +124,19 @@ def sample_tokens(
     distribution for greedy rows), which is what a GRPO importance ratio needs. Each row draws its
     uniform from its own stream, so a request's samples do not depend on its batch neighbours.
     """
-    b = logits.shape[0]
-    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if greedy:
-        tokens[greedy] = logits[greedy].float().argmax(-1)  # fp32 argmax is ~3x faster on CPU
-    if sampled:
-        rows = logits[sampled]
-        row_params = [params[i] for i in sampled]
-        uniforms = torch.cat([streams[i].take() for i in sampled])
-        tokens[sampled] = sample_from_probs(processed_probs(rows, row_params), uniforms.to(logits.device))
+    if len(sampled) == len(params):  # the usual case: no row gathering (small ops dominate at decode sizes)
+        tokens = _sample_rows(logits, params, streams)
+    else:
+        tokens = logits.float().argmax(-1)  # fp32 argmax is ~3x faster on CPU
+        if sampled:
+            tokens[sampled] = _sample_rows(logits[sampled], [params[i] for i in sampled], [streams[i] for i in sampled])
     return tokens, token_logprobs(logits, params, tokens[:, None]).squeeze(-1)
+
+
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], streams: list[UniformStream]) -> torch.Tensor:
+    uniforms = torch.tensor([s.take() for s in streams], device=logits.device)
+    return sample_from_probs(processed_probs(logits, params), uniforms)
 
 
 def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor) -> torch.Tensor:

@@ -419,7 +419,8 @@ class SpeculativeDecoder:
             index = torch.tensor(sampled, device=logits.device)
             row_params = [seqs[row].params for row in sampled for _ in range(n)]
             probs = processed_probs(logits[index].reshape(-1, vocab), row_params).view(len(sampled), n, vocab)
-            uniforms = torch.stack([seqs[row].uniforms.peek(tree.max_depth + 1) for row in sampled]).to(logits.device)
+            uniforms = torch.tensor([seqs[row].uniforms.peek(tree.max_depth + 1) for row in sampled],
+                                    device=logits.device)
             at_node = uniforms.gather(1, tree.depth[index]).reshape(-1)
             drawn[index] = sample_from_probs(probs.view(-1, vocab), at_node).view(len(sampled), n)
         accepted = accept_tree(tree, drawn)
