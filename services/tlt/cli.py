@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tlt.cli_run import add_report, add_run, add_serve
 from tlt.data.demo_task import format_prompt
-from tlt.drafter.warmup import DrafterTrainConfig
+from tlt.drafter.train_config import DrafterTrainConfig
 from tlt.errors import ConfigError, TLTError
 
 # Demo-task problems (tlt.data.demo_task): left-to-right arithmetic, answered with a chain of thought.
@@ -100,11 +100,9 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    # Imports follow the checks that need them: a mistyped argument is reported before transformers loads (~5 s).
     from tlt.models import load_model
     from tlt.models.demo import ensure_demo_model
-    from tlt.rollout.engine import RolloutEngine
     from tlt.rollout.sampling import SamplingParams
 
     params = SamplingParams(
@@ -116,6 +114,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("no prompts given: --prompts file is empty")
     model_dir = args.model or ensure_demo_model()
     model = load_model(model_dir, dtype=args.dtype)
+    from transformers import AutoTokenizer
+
+    from tlt.rollout.engine import RolloutEngine
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:

@@ -58,6 +58,14 @@ def test_help_lists_commands(tlt_home):
     assert "generate" in out and "build-demo-model" in out
 
 
+def test_the_command_line_answers_help_and_argument_errors_without_loading_torch():
+    """``tlt --help`` and a mistyped option come back at once (torch takes ~3 s to import, transformers ~7 s)."""
+    probe = ("import sys; import tlt.cli; tlt.cli.build_parser(); "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_build_demo_then_generate_json(tlt_home, tmp_path):
     built = run_tlt("build-demo-model", home=tlt_home)
     assert "demo model ready" in built.stdout

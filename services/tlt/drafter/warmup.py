@@ -11,27 +11,12 @@ from pathlib import Path
 
 import torch
 
+from tlt.drafter.train_config import DrafterTrainConfig
 from tlt.drafter.trainer import eagle3_loss, target_batch
 from tlt.fsutil import COMPLETE_MARKER
 from tlt.models.drafter import DrafterConfig, Eagle3Drafter
 from tlt.models.transformer import CausalLM
 from tlt.schedules import warmup_cosine
-
-
-@dataclass(frozen=True)
-class DrafterTrainConfig:
-    """Optimisation settings for drafter training."""
-
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 2e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ttt_steps: int = 4
-    ttt_decay: float = 0.8
-    max_len: int = 512
-    seed: int = 0
 
 
 @dataclass
