@@ -12,7 +12,11 @@ starts the timed run on the same prompts as the other arms.
 
     python benchmarks/speculative.py            # 64 prompts, up to 768 new tokens
     python benchmarks/speculative.py --quick    # 24 prompts, up to 384 new tokens
+    python benchmarks/speculative.py --compile  # engines torch.compiled, as with rollout.compile: true
     python benchmarks/speculative.py --device cuda   # on a GPU, engines with CUDA graphs
+
+With ``--compile`` every engine is warmed up before its timed run (untimed): the first warm-up compiles the
+graphs (~30 s), later engines in the process reuse them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def parse_args() -> argparse.Namespace:
                          "8 on cpu, 32 on cuda)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda every engine replays CUDA graphs)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every engine (rollout.compile); warm-ups, untimed, compile the graphs")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds over all arms (interleaved, each engine fresh); the median wall time is reported")
@@ -64,23 +70,29 @@ def main() -> None:
     target = load_model(model_dir, dtype=args.dtype, device=args.device)
     drafter = load_drafter(drafter_dir, target)
 
+    def new_engine(**kwargs) -> RolloutEngine:
+        made = RolloutEngine(target, max_running=n_prompts, compile=args.compile, **kwargs)
+        if args.compile:
+            made.warm_up(prompts[0])
+        return made
+
     arms = {
-        "no SD": lambda: RolloutEngine(target, max_running=n_prompts),
-        f"SD always ({args.strategy})": lambda: RolloutEngine(
-            target, max_running=n_prompts, drafter=drafter,
+        "no SD": lambda: new_engine(),
+        f"SD always ({args.strategy})": lambda: new_engine(
+            drafter=drafter,
             tuner=BegMabTuner(TunerConfig(sd_batch_threshold=10**6, strategies=[SpecStrategy.parse(args.strategy)],
                                           allow_sd_off_arm=False))),
-        "adaptive SD": lambda: RolloutEngine(
-            target, max_running=n_prompts, drafter=drafter,
-            tuner=BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))),
-        "adaptive SD, warm bandit": lambda: RolloutEngine(
-            target, max_running=n_prompts, drafter=drafter,
+        "adaptive SD": lambda: new_engine(drafter=drafter,
+                                          tuner=BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))),
+        "adaptive SD, warm bandit": lambda: new_engine(
+            drafter=drafter,
             tuner=BegMabTuner.from_state(TunerConfig(sd_batch_threshold=args.threshold),
-                                         previous_step_bandit(target, drafter, n_prompts, max_new, args))),
+                                         previous_step_bandit(new_engine, drafter, n_prompts, max_new, args))),
     }
     RolloutEngine(target, max_running=4).generate(prompts[:4], SamplingParams(max_new_tokens=8))  # warm-up
     print(f"model={model_dir} drafter={drafter_dir} dtype={args.dtype} device={args.device} "
-          f"threads={torch.get_num_threads()} threshold={args.threshold}")
+          f"threads={torch.get_num_threads()} threshold={args.threshold} "
+          f"engines={'compiled' if args.compile else 'eager'}")
     print(f"prompts={n_prompts} (all admitted at once) temperature={args.temperature} max_new_tokens={max_new}")
     walls: dict[str, list[float]] = {name: [] for name in arms}
     results = {}
@@ -122,18 +134,17 @@ def main() -> None:
           f"accept_len_adaptive={adaptive[1].acceptance_length:.2f}")
 
 
-def previous_step_bandit(target, drafter, n_prompts: int, max_new: int, args: argparse.Namespace) -> dict:
-    """The adaptive arm's bandit state after a rollout of ``n_prompts`` other prompts (an earlier RL step)."""
+def previous_step_bandit(new_engine, drafter, n_prompts: int, max_new: int, args: argparse.Namespace) -> dict:
+    """The adaptive arm's bandit state after a rollout of ``n_prompts`` other prompts (an earlier RL step), on
+    an engine from ``new_engine(**kwargs)`` (eager or compiled like the timed ones: the bandit learns their speeds)."""
     from workload import long_tail_workload
 
-    from tlt.rollout.engine import RolloutEngine
     from tlt.rollout.tuner import BegMabTuner, TunerConfig
 
     earlier = long_tail_workload(n_prompts, max_new, temperature=args.temperature, seed=args.seed + 1,
                                  model_dir=args.model, drafter_dir=args.drafter)
     tuner = BegMabTuner(TunerConfig(sd_batch_threshold=args.threshold))
-    RolloutEngine(target, max_running=n_prompts, drafter=drafter, tuner=tuner).generate(
-        earlier.prompts, earlier.sampling_params())
+    new_engine(drafter=drafter, tuner=tuner).generate(earlier.prompts, earlier.sampling_params())
     return tuner.export_state()
 
 
