@@ -178,16 +178,17 @@ def parse_layer_ids(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_train_drafter(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from tlt.drafter.warmup import warmup_drafter
-    from tlt.models.demo import ensure_demo_model, tlt_home
-
     for name in ("steps", "batch_size", "ttt_steps", "num_prompts", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    # Imported after the checks above, as in cmd_generate: a mistyped option need not wait for torch.
+    from transformers import AutoTokenizer
+
+    from tlt.drafter.warmup import warmup_drafter
+    from tlt.models.demo import ensure_demo_model, tlt_home
+
     model_dir = args.model or ensure_demo_model()
     out = args.out or tlt_home() / "models" / "demo-drafter"
     prompts = None

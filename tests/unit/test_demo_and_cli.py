@@ -89,6 +89,8 @@ def test_build_demo_then_generate_json(tlt_home, tmp_path):
         (("generate", "--temperature", "-1"), "sampling.temperature must be"),
         (("generate", "--prompts", "/nonexistent.txt"), "--prompts: file /nonexistent.txt does not exist"),
         (("generate", "--dtype", "int3"), "dtype 'int3' is not supported"),
+        (("train-drafter", "--steps", "0"), "--steps must be >= 1, got 0"),
+        (("train-drafter", "--lr", "0"), "--lr must be > 0, got 0.0"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tlt_home, args, message):
