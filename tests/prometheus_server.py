@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.processes import free_port
 
 INSTALL_HINT = "run tests/tools/install_prometheus.sh (with the venv active) to install it"
 
@@ -56,12 +57,6 @@ def find_prometheus() -> str:
     raise PrometheusNotInstalledError(
         f"the Prometheus server binary `prometheus` is not on PATH nor in {beside_python.parent}; {INSTALL_HINT}"
     )
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusServer:
@@ -131,7 +126,7 @@ class PrometheusServer:
         env.setdefault("GOMAXPROCS", "2")  # shared 2-core CI machines
         last_error: Exception | None = None
         for _attempt in range(3):  # the free port can be taken between probing it and Prometheus binding it
-            self.port = _free_port()
+            self.port = free_port()
             cmd = [
                 binary,
                 f"--config.file={config_path}",

@@ -94,6 +94,8 @@ CONTROLLER_STEP = _d("tlt_controller_step", "gauge", "RL steps completed")
 CONTROLLER_PHASE = _d("tlt_controller_phase", "gauge", "1 for the current phase (rollout, update, done)", "phase")
 CONTROLLER_PENDING_REQUESTS = _d("tlt_controller_pending_requests", "gauge",
                                  "Requests of this step not yet taken by any worker")
+CONTROLLER_UNANSWERED_REQUESTS = _d("tlt_controller_unanswered_requests", "gauge",
+                                    "Requests of this step not yet answered (queued or being decoded)")
 CONTROLLER_LAST_STEP_SECONDS = _d("tlt_controller_last_step_seconds", "gauge",
                                   "Time of the last step by phase (total, rollout, tail, train, publish)", "phase")
 CONTROLLER_REWARD_MEAN = _d("tlt_controller_reward_mean", "gauge", "Mean reward of the last step's rollouts")

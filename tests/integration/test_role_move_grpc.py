@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +47,7 @@ from tests.k8s.operator_fixtures import (  # noqa: E402
     eventually,
     rljob_manifest,
 )
+from tests.processes import free_port  # noqa: E402
 from tests.reliability.service_process import spawn_service  # noqa: E402
 from tlt.rpc import convert  # noqa: E402
 from tlt.rpc.client import open_channel, set_worker_role, wait_ready  # noqa: E402
@@ -110,12 +110,6 @@ def _role_series(samples: list[progress.Sample]) -> dict[str, float]:
             if s.name == progress.ROLLOUT_ROLE and s.labels.get("worker") == WORKER}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_grpc_role_setter_moves_the_real_worker_and_back(rollout_service):
     service, setter = rollout_service, GrpcRoleSetter()
     assert service.progress_role() == "rollout"
@@ -136,7 +130,7 @@ def test_grpc_role_setter_moves_the_real_worker_and_back(rollout_service):
     with pytest.raises(RoleSetError, match="SetRole"):
         setter.set_role(service.address, "trainer", 5.0)
     with pytest.raises(RoleSetError, match="SetRole"):
-        setter.set_role(f"127.0.0.1:{_free_port()}", "drafter", 1.0)
+        setter.set_role(f"127.0.0.1:{free_port()}", "drafter", 1.0)
     assert service.progress_role() == "rollout"
 
 

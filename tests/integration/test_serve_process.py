@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue as queue_mod
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import torch
 import yaml
 
 from tests.integration.conftest import TINY_JOB
-from tests.processes import step_records
+from tests.processes import free_port, step_records
 from tests.reliability.service_process import spawn_service
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.drafter.service import RemoteDrafter
@@ -45,12 +44,6 @@ def _http(url: str) -> tuple[int, str]:
             return reply.status, reply.read().decode().strip()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode().strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- a real `tlt serve rollout` process: probes and drain ---------------------------------------------------
@@ -132,7 +125,7 @@ def _serve(servicer, add, name: str, port: int = 0) -> GrpcServer:
 
 
 def test_an_idempotent_call_reaches_a_server_that_comes_up_a_moment_later():
-    port, servicer, servers = _free_port(), FlakyDrafter(fail_first=False), []
+    port, servicer, servers = free_port(), FlakyDrafter(fail_first=False), []
     starter = threading.Timer(0.5, lambda: servers.append(
         _serve(servicer, drafter_pb2_grpc.add_DrafterServicer_to_server, "tlt.v1.Drafter", port)))
     client = RemoteDrafter(f"127.0.0.1:{port}")

@@ -8,13 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import grpc
 import pytest
 from safetensors.torch import load_file
 
 from tests.integration.conftest import TINY_JOB
-from tests.processes import alive, step_records
+from tests.processes import alive, free_port, step_records
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import POLICY_KIND, Controller
 from tlt.rpc.client import open_channel, set_worker_role
@@ -85,6 +87,7 @@ def test_job_across_services_is_scraped_by_prometheus(cluster, prometheus_factor
         assert {r["metric"]["worker"] for r in finished} == {"rollout-0", "rollout-1"}
         prom.wait_for("tlt_trainer_steps_total == 2")
         prom.wait_for("tlt_controller_step == 2")
+        prom.wait_for("tlt_controller_unanswered_requests == 0")
         prom.wait_for("tlt_rollout_policy_version == 2")
         prom.wait_for("tlt_drafter_version >= 0")
         prom.wait_for("tlt_rollout_spec_decode_num_accepted_tokens_total > 0")
@@ -187,14 +190,15 @@ def _service_pids(run_dir):
     return [json.loads(p.read_text())["pid"] for p in (run_dir / "services").glob("*.port")]
 
 
-def _start_run(run_dir, *extra):
+def _start_run(run_dir, *extra, metrics_port: int | None = None):
     args = [f"--set={k}={v}" for k, v in {**TINY_JOB, "steps": 50, "data.heldout": 4, **dict(extra)}.items()]
+    if metrics_port is not None:
+        args.append(f"--metrics-port={metrics_port}")
     return subprocess.Popen([sys.executable, "-m", "tlt.cli", "run", *args, "--output-dir", str(run_dir),
                              "--no-progress", "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_steps(run_dir, proc, n=1, timeout=300):
-    import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -220,7 +224,6 @@ def test_ctrl_c_tears_the_services_down(tmp_path):
 
 def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
     """Wait until the workers ``names`` decode ``at_least`` requests between them (a rollout is under way)."""
-    import time
 
     services = {n: json.loads((run_dir / "services" / f"{n}.port").read_text()) for n in names}
     channels = [open_channel(f"127.0.0.1:{s['port']}") for s in services.values()]
@@ -238,15 +241,43 @@ def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
     raise AssertionError("no rollout got under way")
 
 
+def _unanswered_requests(metrics_port: int) -> float:
+    """The controller's count of the step's requests still owed an answer, read from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    return families["tlt_controller_unanswered_requests"].samples[0].value
+
+
+def _freeze_mid_step(run_dir, proc, metrics_port: int, names, attempts: int = 20) -> None:
+    """Stop (SIGSTOP) the workers ``names`` while the step in progress still owes answers.
+
+    Seeing them decode over Progress is not enough: the step can finish between that answer and the stop. Once
+    they are stopped nothing more comes from them, so the controller's unanswered count, read after the
+    answers already sent have arrived, says for sure; when it is 0 they are let go and the next step is tried."""
+    pids = [json.loads((run_dir / "services" / f"{n}.port").read_text())["pid"] for n in names]
+    for _ in range(attempts):
+        _wait_for_running_requests(run_dir, proc, names)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        if _unanswered_requests(metrics_port) > 0:
+            return
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    raise AssertionError(f"no step was caught unfinished in {attempts} tries")
+
+
 @pytest.mark.usefixtures("demo_drafter_dir")
 def test_losing_every_worker_fails_the_run_clearly_and_the_rest_is_torn_down(tmp_path):
     # Killed between steps, the workers are restarted before the next one (tlt run supervises its services) and
-    # the run goes on; killed while they decode, the step cannot finish and the run must stop naming a worker.
-    run_dir = tmp_path / "run"
-    proc = _start_run(run_dir, ("rollout.max_new_tokens", 400))
+    # the run goes on; killed while the step waits on them, it cannot finish and the run must stop naming a worker.
+    run_dir, metrics_port = tmp_path / "run", free_port()
+    proc = _start_run(run_dir, ("rollout.max_new_tokens", 400), metrics_port=metrics_port)
     _wait_for_steps(run_dir, proc)
     workers = ("rollout-0", "rollout-1")
-    _wait_for_running_requests(run_dir, proc, workers)
+    _freeze_mid_step(run_dir, proc, metrics_port, workers)
     ports = {p.stem: json.loads(p.read_text())["pid"] for p in (run_dir / "services").glob("*.port")}
     for name in workers:
         os.kill(ports[name], signal.SIGKILL)

@@ -24,6 +24,7 @@ import torch
 import xxhash
 from safetensors.torch import save, save_file
 
+from tests.processes import free_port
 from tlt.store import ArtifactStore, FileEntry, StoreError, StoreIntegrityError, VersionNotFoundError
 from tlt.store_s3 import PART_SIZE, storage_options
 
@@ -32,12 +33,6 @@ boto3 = pytest.importorskip("boto3")
 
 BUCKET = "tlt-test-store"
 WEIGHTS = save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _moto_server() -> str:
@@ -51,7 +46,7 @@ def _moto_server() -> str:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on a free port, dummy credentials in the environment, and one bucket."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)

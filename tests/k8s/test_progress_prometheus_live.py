@@ -24,8 +24,8 @@ from tlt_operator.progress import PrometheusSource, ScrapeSource, Snapshot, Targ
 
 def _controller_samples(phase: str, pending: int, step: int):
     """The real controller exporter, on a stand-in holding only the state it reads."""
-    status = {"pending": pending, "phase": phase, "last_step": {}, "reward_mean": 0.5, "heldout": None,
-              "acceptance_length": 2.5, "policy_version": step, "drafter_version": 1}
+    status = {"pending": pending, "unanswered": pending, "phase": phase, "last_step": {}, "reward_mean": 0.5,
+              "heldout": None, "acceptance_length": 2.5, "policy_version": step, "drafter_version": 1}
     return Controller.metric_samples(SimpleNamespace(step=step, status=status, inproc=False, workers=[]))
 
 

@@ -105,8 +105,8 @@ class Controller:
         self.active: list = []
         self.failed_workers: list[str] = []
         self._revived: set[str] = set()  # services the supervisor restarted, not yet caught up
-        self.status = {"phase": "update", "pending": 0, "last_step": {}, "reward_mean": None, "heldout": None,
-                       "acceptance_length": None, "policy_version": None, "drafter_version": None}
+        self.status = {"phase": "update", "pending": 0, "unanswered": 0, "last_step": {}, "reward_mean": None,
+                       "heldout": None, "acceptance_length": None, "policy_version": None, "drafter_version": None}
         self._check_fresh_or_resumable()
         self.services: Services = build_inproc(spec, self.model_dir, self.store) if self.inproc else connect(services)
         self.workers = self.services.workers
@@ -382,6 +382,8 @@ class Controller:
                 if request.request_id in results:
                     raise RuntimeError(f"request {request.request_id} finished twice")
                 results[request.request_id] = out
+                # Counted here, not in the planner loop, which a hung worker's Progress call can hold up.
+                self.status["unanswered"] = len(requests) - len(results)
             self.on_event({"event": "result", "id": request.request_id, "tokens": len(out.token_ids),
                            "worker": worker})
 
@@ -394,7 +396,7 @@ class Controller:
                 self.on_event({"event": "worker_failed", "worker": workers[i].name, "error": str(exc)})
 
         threads = [threading.Thread(target=drive, args=(i,), name=w.name, daemon=True) for i, w in enumerate(workers)]
-        self.status["phase"] = "rollout"
+        self.status.update(phase="rollout", unanswered=len(requests))
         start = time.monotonic()
         for thread in threads:
             thread.start()
@@ -552,6 +554,7 @@ class Controller:
         s = self.status
         out: list[m.Sample] = [
             (m.CONTROLLER_STEP, {}, self.step), (m.CONTROLLER_PENDING_REQUESTS, {}, s["pending"]),
+            (m.CONTROLLER_UNANSWERED_REQUESTS, {}, s["unanswered"]),
             *m.one_hot(m.CONTROLLER_PHASE, s["phase"], ("rollout", "update", "done")),
             *[(m.CONTROLLER_LAST_STEP_SECONDS, {"phase": k}, v) for k, v in s["last_step"].items()],
             (m.CONTROLLER_REWARD_MEAN, {}, s["reward_mean"]), (m.CONTROLLER_HELDOUT_REWARD, {}, s["heldout"]),
