@@ -774,8 +774,7 @@ def test_a_full_disk_is_resource_exhausted_and_publishes_nothing(cluster, monkey
     """The store's disk fills up (fsync reports ENOSPC, as delayed allocation does) under a trainer publish and
     a checkpoint: RESOURCE_EXHAUSTED with a message saying so, no version appears, and the service serves on."""
     import errno
-
-    import tlt.store
+    import os
 
     store = ArtifactStore(str(cluster.tmp / "store"))
     before = store.latest("policy").version
@@ -783,7 +782,7 @@ def test_a_full_disk_is_resource_exhausted_and_publishes_nothing(cluster, monkey
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tlt.store.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)
     code, details = answer(lambda: cluster.trainer.PublishPolicy(
         trainer_pb2.PublishPolicyRequest(version=before + 1), timeout=TIMEOUT_S))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "No space left" in details, details

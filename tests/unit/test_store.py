@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -477,8 +478,6 @@ def test_sha256_option_publishes_sha256_and_stores_read_each_other(store, tmp_pa
 
 
 def test_full_disk_on_publish_names_the_path_and_the_sizes(tmp_path, monkeypatch):
-    import tlt.store as store_module
-
     store = ArtifactStore(tmp_path / "s")
     payload = os.urandom(3 << 20)
 
@@ -486,7 +485,7 @@ def test_full_disk_on_publish_names_the_path_and_the_sizes(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
     with pytest.raises(StoreError) as info:
         store.publish("policy", 1, {"model.safetensors": save({"w": torch.zeros(1)}), "a.json": payload})
     message = str(info.value)
@@ -498,7 +497,7 @@ def test_full_disk_on_publish_names_the_path_and_the_sizes(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("supported", [True, False])
 def test_publish_starts_writeback_early_and_still_fsyncs(tmp_path, monkeypatch, supported):
-    import tlt.store as store_module
+    import tlt.store.streams as streams
 
     ranges, synced, real_fsync = [], [], os.fsync
 
@@ -510,7 +509,7 @@ def test_publish_starts_writeback_early_and_still_fsyncs(tmp_path, monkeypatch, 
         synced.append(os.fstat(fd).st_size)
         real_fsync(fd)
 
-    monkeypatch.setattr(store_module, "_sync_file_range", lambda: sync_file_range)
+    monkeypatch.setattr(streams, "sync_file_range", lambda: sync_file_range)
     monkeypatch.setattr(os, "fsync", fsync)
     big = os.urandom((20 << 20) + 3)
     store = ArtifactStore(tmp_path / "s")
@@ -534,7 +533,7 @@ def test_full_disk_on_fetch_names_the_destination(tmp_path, monkeypatch):
     """A fake local filesystem whose writes under the fetch destination run out of space."""
     import builtins
 
-    import tlt.store as store_module
+    import tlt.store.artifact_store as artifact_store
 
     store = ArtifactStore(tmp_path / "s")
     store.publish("policy", 1, {"a.json": b"x" * 5000})
@@ -552,7 +551,7 @@ def test_full_disk_on_fetch_names_the_destination(tmp_path, monkeypatch):
             return FullFile()
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_module, "open", fake_open, raising=False)
+    monkeypatch.setattr(artifact_store, "open", fake_open, raising=False)
     with pytest.raises(StoreError, match=r"fetch policy v1 into .*No space left on device; the disk holding "
                                          rf"{tmp_path / 'rollout'} is full \(4\.9 KiB needed, .* free\)"):
         store.fetch("policy", 1, tmp_path / "rollout" / "v1")
