@@ -518,10 +518,13 @@ def _drafter_stint(worker: RolloutWorker, until: Callable[[], bool]) -> None:
 
 
 def test_push_delta_names_its_base_version_and_an_unpublished_one_is_refused(cluster, drafter_shapes):
-    stub, latest = cluster.drafter, cluster.aggregator.version
+    stub = cluster.drafter
     # The fuzz tests above may have merged huge (finite, so accepted) deltas into the master, on which training
-    # overflows; the Publish below makes a freshly initialised master the version the spot workers start from.
+    # overflows, and left more pending, which any Publish merges. So the pending ones are merged first, then
+    # the master starts afresh; the Publish below makes it the version the spot workers start from.
+    stub.Publish(drafter_pb2.PublishDrafterRequest(step=0), timeout=TIMEOUT_S)
     cluster.aggregator.drafter.reset_parameters(generator=torch.Generator().manual_seed(0))
+    latest = cluster.aggregator.version
     payload = save_safetensors({name: torch.zeros(shape) for name, shape in drafter_shapes.items()})
 
     def push(base_version: int) -> drafter_pb2.PushDeltaResponse:
