@@ -199,7 +199,6 @@ def _start_run(run_dir, *extra, metrics_port: int | None = None):
 
 
 def _wait_for_steps(run_dir, proc, n=1, timeout=300):
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
@@ -224,7 +223,6 @@ def test_ctrl_c_tears_the_services_down(tmp_path):
 
 def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
     """Wait until the workers ``names`` decode ``at_least`` requests between them (a rollout is under way)."""
-
     services = {n: json.loads((run_dir / "services" / f"{n}.port").read_text()) for n in names}
     channels = [open_channel(f"127.0.0.1:{s['port']}") for s in services.values()]
     stubs = [rollout_pb2_grpc.RolloutStub(channel) for channel in channels]
