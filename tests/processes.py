@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 
 def alive(pid: int) -> bool:
@@ -23,6 +27,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def scrape(metrics_port: int, family: str) -> list[Sample]:
+    """The samples of metric ``family`` (its name without ``_total``) on a local /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return [sample for f in text_string_to_metric_families(text) if f.name == family for sample in f.samples]
 
 
 def step_records(run_dir: Path) -> list[dict]:

@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
 from safetensors.torch import load_file
 
 from tests.integration.conftest import TINY_JOB
-from tests.processes import alive, free_port, step_records
+from tests.processes import alive, free_port, scrape, step_records
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import POLICY_KIND, Controller
 from tlt.rpc.client import open_channel, set_worker_role
@@ -239,15 +238,6 @@ def _wait_for_running_requests(run_dir, proc, names, at_least=2, timeout=120):
     raise AssertionError("no rollout got under way")
 
 
-def _unanswered_requests(metrics_port: int) -> float:
-    """The controller's count of the step's requests still owed an answer, read from its /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
-        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
-    return families["tlt_controller_unanswered_requests"].samples[0].value
-
-
 def _freeze_mid_step(run_dir, proc, metrics_port: int, names, attempts: int = 20) -> None:
     """Stop (SIGSTOP) the workers ``names`` while the step in progress still owes answers.
 
@@ -260,7 +250,7 @@ def _freeze_mid_step(run_dir, proc, metrics_port: int, names, attempts: int = 20
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         time.sleep(1.0)
-        if _unanswered_requests(metrics_port) > 0:
+        if scrape(metrics_port, "tlt_controller_unanswered_requests")[0].value > 0:
             return
         for pid in pids:
             os.kill(pid, signal.SIGCONT)

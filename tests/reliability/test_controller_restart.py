@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import TINY_JOB
-from tests.processes import checkpoint_optimizer_steps, step_records
+from tests.processes import checkpoint_optimizer_steps, scrape, step_records
 from tests.reliability.service_process import ServiceProcess, spawn_service, wait_for_rollout
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.drafter.aggregator import DRAFTER_KIND
@@ -33,10 +31,7 @@ TIMEOUT_S = 600.0
 
 def _generate_calls(service: ServiceProcess) -> dict[str, float]:
     """Generate streams a rollout service has finished, by status code (from its /metrics)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    return {sample.labels["code"]: sample.value for family in text_string_to_metric_families(text)
-            if family.name == RPC_HANDLED.name for sample in family.samples
+    return {sample.labels["code"]: sample.value for sample in scrape(service.metrics_port, RPC_HANDLED.name)
             if sample.name.endswith("_total") and sample.labels.get("method") == "Generate"}
 
 
