@@ -14,7 +14,9 @@ Arms (same model, prompts, sampling settings and per-request seeds; every prompt
 Both engines run compiled by default: vLLM with its own CPU default (dynamo traced once, inductor), TLT's
 engine with ``torch.compile`` of its decode, verification and drafter forwards. ``--eager`` runs both
 eagerly (vLLM ``enforce_eager``, which is also the TLT vLLM backend's default on CPU). Compilation happens
-at engine start and in the warm-up and counts in the start time, not in the wall time.
+at engine start and in the warm-up and counts in the start time, not in the wall time. ``--quick`` runs
+both eagerly unless ``--compile`` is given: compiling takes 25-40 s per TLT arm with a warm inductor cache
+and ~3 min with a cold one, far more than the quick workload itself.
 
 The workload is ``--steps`` rollout steps, each on new prompts (as successive RL steps; TLT's bandit
 carries over from one to the next, as it does across RL steps). Each arm runs in a fresh process (the
@@ -46,7 +48,7 @@ they are skipped and the ratios against vLLM are not printed. The baseline is vL
   vLLM's own choice).
 
     python benchmarks/rollout_peers.py            # 3 steps x 64 prompts, up to 768 new tokens
-    python benchmarks/rollout_peers.py --quick    # 2 steps x 16 prompts, up to 256 new tokens
+    python benchmarks/rollout_peers.py --quick    # 2 steps x 16 prompts, up to 256 new tokens, eager engines
     python benchmarks/rollout_peers.py --rounds 3 # the comparison 3 times, interleaved; paired median ratios
 """
 
@@ -75,7 +77,7 @@ BASELINE = "vllm"
 SAMPLE_INTERVAL_S = 0.5
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (same comparison)")
     ap.add_argument("--prompts", type=int, default=None, help="number of prompts (= the largest batch)")
@@ -90,8 +92,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=3, help="vLLM chain drafts (static arm; schedule buckets without data)")
     ap.add_argument("--threshold", type=int, default=None,
                     help="SD off above this many running requests (default: a job's CPU default, 8)")
-    ap.add_argument("--eager", action="store_true",
-                    help="run every engine eagerly (default: TLT's torch.compile and vLLM's inductor compile)")
+    engines = ap.add_mutually_exclusive_group()
+    engines.add_argument("--eager", action="store_true", help="run every engine eagerly (the default with --quick)")
+    engines.add_argument("--compile", action="store_true",
+                         help="compile every engine: TLT's torch.compile and vLLM's inductor compile (the default "
+                              "without --quick)")
     ap.add_argument("--vllm-layout", choices=("one-process", "multiprocess"), default="one-process",
                     help="one-process: vLLM's front end, scheduler and model in one process (fastest on few cores); "
                          "multiprocess: vLLM's default three processes")
@@ -103,7 +108,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--run-arms", help=argparse.SUPPRESS)  # internal: run these arms in this process
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def compiled_engines(args: argparse.Namespace) -> bool:
+    """Whether the engines are compiled: ``--compile``, or a full run without ``--eager`` (``--quick`` runs
+    eagerly, as compiling would take longer than its workload)."""
+    return args.compile or not (args.eager or args.quick)
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -378,6 +389,7 @@ def main() -> int:
     from tlt.rollout.tuner import default_sd_batch_threshold
 
     threshold = args.threshold if args.threshold is not None else default_sd_batch_threshold("cpu")
+    compiled = compiled_engines(args)
     n_prompts = args.prompts or (16 if args.quick else 64)
     max_new = args.max_new_tokens or (256 if args.quick else 768)
     steps = args.steps or (2 if args.quick else 3)
@@ -390,12 +402,12 @@ def main() -> int:
         "dtype": args.dtype, "k": args.k,
         "threshold": threshold, "vllm_cpus": args.vllm_cpus, "vllm_layout": args.vllm_layout,
         "tuner_state": None,
-        "compile": not args.eager}
+        "compile": compiled}
     print(f"model={work.model_dir} drafter={work.drafter_dir} dtype={args.dtype} cpus={os.cpu_count()} "
           f"vllm_cpus={args.vllm_cpus} vllm_layout={args.vllm_layout}")
     print(f"steps={steps} x prompts={n_prompts} (a step's prompts admitted at once) temperature={args.temperature} "
           f"max_new_tokens={max_new} K={args.k} threshold={threshold} "
-          f"engines={'eager' if args.eager else 'compiled'} rounds={args.rounds}")
+          f"engines={'compiled' if compiled else 'eager'} rounds={args.rounds}")
 
     rounds = []
     for r in range(args.rounds):

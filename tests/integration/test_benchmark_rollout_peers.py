@@ -71,6 +71,16 @@ def load_script():
     return module
 
 
+def test_quick_runs_the_engines_eagerly_unless_compile_is_given():
+    peers = load_script()
+
+    def compiled(*argv: str) -> bool:
+        return peers.compiled_engines(peers.parse_args(list(argv)))
+
+    assert compiled() and compiled("--compile") and compiled("--quick", "--compile")
+    assert not compiled("--quick") and not compiled("--eager") and not compiled("--quick", "--eager")
+
+
 def test_bad_arm_names_are_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--arms", "tlt-plain,vllm-fast"], capture_output=True,
                           text=True, timeout=120)
