@@ -27,11 +27,13 @@ _PATHS = {
 
 
 def collection_path(kind: str, namespace: str) -> str:
+    """The API path of ``kind``'s objects in ``namespace``."""
     prefix, plural = _PATHS[kind]
     return f"{prefix}/namespaces/{namespace}/{plural}"
 
 
 def object_path(kind: str, namespace: str, name: str) -> str:
+    """The API path of one object."""
     return f"{collection_path(kind, namespace)}/{name}"
 
 
@@ -105,6 +107,7 @@ class Kube:
 
 
 def api_client_for(server: str) -> ApiClient:
+    """A client for an API server URL used without credentials (``kubectl proxy``, an emulator)."""
     config = Configuration()
     config.host = server.rstrip("/")
     config.verify_ssl = False

@@ -13,6 +13,7 @@ Condition = tuple[str, str, str, str]  # type, status, reason, message
 
 
 def now_iso() -> str:
+    """The current UTC time as Kubernetes writes it (RFC 3339, seconds)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -54,6 +55,7 @@ def status_patch(old: Mapping[str, Any], fields: Mapping[str, Any], conditions: 
 
 
 def condition_status(status: Mapping[str, Any], type_: str) -> tuple[str | None, str | None]:
+    """(status, reason) of the condition ``type_`` in an RLJob status; (None, None) when it is not set."""
     for c in status.get("conditions") or []:
         if c.get("type") == type_:
             return c.get("status"), c.get("reason")
