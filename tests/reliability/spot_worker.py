@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import threading
 from pathlib import Path
 
 import torch
@@ -32,8 +31,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    preempted: list[int] = []  # a list, not an Event: a signal handler must take no lock (tlt.rpc.server)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: preempted.append(signum))
 
     target = load_model(args.model, dtype="bfloat16")
     drafter = load_drafter(args.drafter_init, target)
@@ -59,7 +58,7 @@ def main() -> None:
         steps["trained"] += 1
 
     spot.optimizer.register_step_post_hook(count_step)
-    spot.train(stop.is_set)
+    spot.train(lambda: bool(preempted))
     remote.close()
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # batches are streamed in chunks), so 64 MiB bounds one message with room to spare.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 4 * 1024 * 1024
+SIGNAL_POLL_S = 0.1  # how often serve_until_signal looks whether SIGTERM/SIGINT came
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -150,15 +151,17 @@ def start_server(services: list[tuple[Callable, object, str]], host: str = "127.
 
 def serve_until_signal(server: GrpcServer, on_stop: Callable[[], None] | None = None, grace_s: float = 30.0) -> None:
     """Block until SIGTERM/SIGINT, then drain in-flight RPCs (Kubernetes sends SIGTERM on pod deletion)."""
-    stop = threading.Event()
+    received: list[int] = []
 
     def handle(signum, frame) -> None:
-        stop.set()
+        # No lock here: the handler runs in the main thread between bytecodes, maybe while that thread holds a
+        # lock (an Event's, in wait() or in an earlier handler's set()), and taking it again would hang forever.
+        received.append(signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not stop.wait(0.5):
-            pass
+        while not received:
+            time.sleep(SIGNAL_POLL_S)
         log.info("shutting down: draining in-flight RPCs for up to %.0f s", grace_s)
         if on_stop is not None:
             on_stop()
