@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlt.cli_export import add_export
 from tlt.cli_run import add_report, add_run, add_serve
 from tlt.data.demo_task import format_prompt
 from tlt.drafter.train_config import DrafterTrainConfig
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(sub)
     add_report(sub)
     add_serve(sub)
+    add_export(sub)
     return parser
 
 

@@ -83,8 +83,12 @@ def _client_tls_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"ca": args.tls_ca, "cert": args.tls_cert, "key": args.tls_key, "server_name": args.tls_server_name}
 
 
-def _load_spec(config: Path | None, overrides: dict[str, Any]):
+def load_spec(config: Path | None, overrides: dict[str, Any], output_dir: Path | None = None):
+    """The job spec from ``config`` (None: the built-in demo job), ``--set`` overrides and ``--output-dir``."""
     from tlt.config import apply_overrides, job_spec_from_dict, load_job_spec
+
+    if output_dir is not None:
+        overrides = {**overrides, "output_dir": str(output_dir)}
 
     if config is not None:
         return load_job_spec(config, overrides)
@@ -97,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tlt.rpc.tls import ServerTLS, resolve_client_tls
     from tlt.serving.serve import ServeOptions, serve
 
-    spec = _load_spec(args.config, parse_overrides(args.overrides))
+    spec = load_spec(args.config, parse_overrides(args.overrides))
     check_store(spec.store_uri)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # TLS files are checked here, before a model is loaded or a port bound
@@ -140,10 +144,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from tlt.controller.display import ProgressDisplay
 
-    overrides = parse_overrides(args.overrides)
-    if args.output_dir is not None:
-        overrides["output_dir"] = str(args.output_dir)
-    spec = _load_spec(args.config, overrides)
+    spec = load_spec(args.config, parse_overrides(args.overrides), args.output_dir)
     remote = bool(args.rollout or args.drafter or args.trainer)
     if remote and (args.inproc or not args.rollout or not args.trainer):
         raise ConfigError("to use running services give --rollout (one per worker) and --trainer (and --drafter "

@@ -1,5 +1,6 @@
 """`tlt run` and `tlt serve` with an ``s3://`` store, against a real S3-protocol server (moto): the trainer
-publishes each policy to S3 and the rollout service processes load it from there over gRPC-driven LoadPolicy.
+publishes each policy to S3 and the rollout service processes load it from there over gRPC-driven LoadPolicy;
+`tlt export-drafter` / `tlt export-policy` take the trained versions out of S3.
 
 The moto server, its dummy credentials and endpoint (``AWS_*`` in the environment, inherited by every
 process) come from the ``s3`` fixture of test_store_s3.py.
@@ -69,6 +70,16 @@ def test_run_with_an_s3_store_publishes_there_and_workers_load_from_it(s3, tmp_p
     for worker in ("rollout-0", "rollout-1"):
         cached = out_dir / "cache" / worker / "drafter" / "MANIFEST.json"
         assert json.loads(cached.read_bytes()) == json.loads(manifest)
+
+    # what the job trained comes out of S3 as deployable directories: the newest drafter and policy
+    store = ArtifactStore(uri)
+    for kind, version in (("drafter", store.latest("drafter").version), ("policy", 2)):
+        out = tmp_path / f"exported-{kind}"
+        done = _tlt(f"export-{kind}", "--set", f"store.uri={uri}", "--out", str(out), timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"exported {kind} v{version} ")
+        assert (out / "model.safetensors").read_bytes() == store.read_bytes(kind, version, "model.safetensors")
+    assert (tmp_path / "exported-policy" / "tokenizer.json").is_file()
 
 
 @pytest.mark.parametrize("command", [["run", "--no-progress", "--no-report"], ["serve", "trainer", "--port", "0",

@@ -1,7 +1,8 @@
 """The vLLM rollout backend (``tlt.rollout.backends.vllm``) against the native engine, on the demo model and
 its exported EAGLE-3 drafter. Needs the ``vllm`` extra (README, "vLLM backend"); skipped without it.
 
-One speculative and one plain vLLM engine serve the module, in vLLM's own multi-process layout (each start
+The speculative engine's drafter is the demo drafter as ``tlt export-drafter`` writes it from a store. One
+speculative and one plain vLLM engine serve the module, in vLLM's own multi-process layout (each start
 is ~20 s on 2 cores); the one-process test starts one more in the layout a rollout service uses on a CPU,
 and the policy-reload test, last in the file, one more: a fresh engine on the new weights.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ from tlt.config import job_spec_from_dict
 from tlt.controller.components import Tokenizer
 from tlt.data.demo_task import generate_problems
 from tlt.drafter.warmup import new_drafter
+from tlt.export import export_drafter
 from tlt.models import load_model
 from tlt.models.drafter_io import load_drafter, save_drafter
 from tlt.models.loader import read_safetensors
@@ -54,8 +57,18 @@ def prompts(demo_model_dir) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def sd_engine(demo_model_dir, demo_drafter_dir):
-    engine = VllmRolloutEngine(demo_model_dir, drafter_dir=demo_drafter_dir, num_speculative_tokens=K,
+def exported_drafter_dir(demo_drafter_dir, tmp_path_factory) -> Path:
+    """The demo drafter as `tlt export-drafter` writes it: published as a drafter version, exported from the store."""
+    root = tmp_path_factory.mktemp("export")
+    store = ArtifactStore(root / "store")
+    _publish_file(store, "drafter", 3, {n: demo_drafter_dir / n for n in ("config.json", "model.safetensors")})
+    export_drafter(store, root / "drafter")
+    return root / "drafter"
+
+
+@pytest.fixture(scope="module")
+def sd_engine(demo_model_dir, exported_drafter_dir):
+    engine = VllmRolloutEngine(demo_model_dir, drafter_dir=exported_drafter_dir, num_speculative_tokens=K,
                                schedule=SCHEDULE, **ENGINE)
     yield engine
     engine.close()
