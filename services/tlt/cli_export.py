@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tlt.cli_run import check_store, load_spec, parse_overrides
+from tlt.cli_run import add_spec_args, check_store, load_spec, parse_overrides
 from tlt.errors import ConfigError
 from tlt.export import DRAFTER, POLICY
 
 _HELP = {
-    DRAFTER: "export a trained drafter version as an EAGLE-3 draft model directory (vLLM, SGLang)",
+    DRAFTER: "export a trained drafter version as an EAGLE-3 draft model directory (vLLM loads it)",
     POLICY: "export a trained policy version as a Hugging Face model directory (weights, config, tokenizer)",
 }
 
@@ -18,11 +18,7 @@ _HELP = {
 def add_export(sub: argparse._SubParsersAction) -> None:
     for kind in (DRAFTER, POLICY):
         p = sub.add_parser(f"export-{kind}", help=_HELP[kind])
-        p.add_argument("config", nargs="?", type=Path,
-                       help="the job's spec YAML, as given to `tlt run` (default: the built-in demo job)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a spec field as for `tlt run` (repeatable)")
-        p.add_argument("--output-dir", type=Path, help="the job's output directory, as given to `tlt run`")
+        add_spec_args(p)  # as given to `tlt run`: the store is found where the job put it
         p.add_argument("--store", metavar="URI",
                        help="the store to export from (default: the job's store.uri, else <output_dir>/store)")
         p.add_argument("--version", type=int, help=f"{kind} version to export (default: the newest complete one)")

@@ -17,10 +17,7 @@ if TYPE_CHECKING:
 
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an RL job (GRPO + adaptive SD + adaptive drafter) on this machine")
-    p.add_argument("config", nargs="?", type=Path, help="job spec YAML (default: the built-in demo job)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set rollout.workers=3 (repeatable; value parsed as YAML)")
-    p.add_argument("--output-dir", type=Path, help="where logs, checkpoints, the store and the report go")
+    add_spec_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per step)")
     p.add_argument("--no-report", action="store_true", help="skip the Markdown/PNG report at the end")
     mode = p.add_argument_group("services (default: start rollout, drafter and trainer processes on loopback)")
@@ -35,6 +32,15 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server binds to")
     _add_tls_args(p, server=False)
     p.set_defaults(func=cmd_run)
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """The job spec as `tlt run` takes it (CONFIG, --set, --output-dir); commands that read a job's outputs take the
+    same, so that they find what the run wrote."""
+    p.add_argument("config", nargs="?", type=Path, help="job spec YAML (default: the built-in demo job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set rollout.workers=3 (repeatable; value parsed as YAML)")
+    p.add_argument("--output-dir", type=Path, help="where logs, checkpoints, the store and the report go")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +95,6 @@ def load_spec(config: Path | None, overrides: dict[str, Any], output_dir: Path |
 
     if output_dir is not None:
         overrides = {**overrides, "output_dir": str(output_dir)}
-
     if config is not None:
         return load_job_spec(config, overrides)
     return job_spec_from_dict(apply_overrides({}, overrides))
