@@ -168,6 +168,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = write_report({spec.name: read_log(log)}, Path(spec.output_dir) / "report",
                               title=f"TLT run: {spec.name}")
         print(f"report: {report}")
+    exports = "tlt export-policy" + (" / tlt export-drafter" if spec.rollout.speculative.mode != "off" else "")
+    print(f"store: {spec.store_uri} ({exports} with this job's arguments and --out DIR write its newest versions as "
+          "model directories)")
     return 0
 
 

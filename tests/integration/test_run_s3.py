@@ -49,6 +49,7 @@ def test_run_with_an_s3_store_publishes_there_and_workers_load_from_it(s3, tmp_p
                 "--no-progress", "--no-report")
     assert done.returncode == 0, done.stderr
     assert "step 2: reward" in done.stdout
+    assert f"store: {uri} (tlt export-policy / tlt export-drafter with this job's arguments" in done.stdout
 
     keys = _keys(s3, prefix)
     for kind, version in [("policy", 0), ("policy", 1), ("policy", 2), ("drafter", 0)]:
