@@ -33,6 +33,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-running", type=int, default=64, help="continuous-batching slots")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default on CPU) or float32")
+    p.add_argument("--drafter", type=Path,
+                   help="EAGLE-3 drafter directory (tlt export-drafter, tlt train-drafter): lossless speculative "
+                        "decoding, adaptive (BEG-MAB) unless --sd-strategy")
+    p.add_argument("--sd-strategy", metavar="D_K_N",
+                   help="with --drafter: speculate at every batch size with this tree, e.g. 3_2_6")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
 
@@ -111,6 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
+    speculative = _speculative_spec(args)
     prompts = read_prompts(args.prompts) if args.prompts else list(args.prompt or DEMO_PROMPTS)
     if not prompts:
         raise ConfigError("no prompts given: --prompts file is empty")
@@ -124,7 +130,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--model: could not load a tokenizer from {model_dir} ({exc})") from None
-    engine = RolloutEngine(model, max_running=args.max_running)
+    drafter = tuner = None
+    if speculative is not None:
+        from tlt.models.drafter_io import load_drafter
+        from tlt.rollout.worker import make_tuner
+
+        drafter, tuner = load_drafter(args.drafter, model), make_tuner(speculative, model.device.type)
+    engine = RolloutEngine(model, max_running=args.max_running, drafter=drafter, tuner=tuner)
     token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     start = time.perf_counter()
     outputs = engine.generate(token_ids, [params] * len(prompts))
@@ -137,9 +149,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(f"{prompt!r} -> {text!r} [{len(out.token_ids)} tokens, {out.finish_reason}]")
     total = sum(len(o.token_ids) for o in outputs)
+    sd = f"; speculative decoding: acceptance length {engine.stats.acceptance_length:.2f}" if drafter else ""
     print(f"generated {total} tokens for {len(prompts)} prompts in {elapsed:.2f}s "
-          f"({total / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+          f"({total / max(elapsed, 1e-9):.1f} tok/s){sd}", file=sys.stderr)
     return 0
+
+
+def _speculative_spec(args: argparse.Namespace):
+    """The job spec whose ``rollout.speculative`` says how `tlt generate` speculates (None: it does not)."""
+    if args.drafter is None:
+        if args.sd_strategy:
+            raise ConfigError("--sd-strategy needs --drafter DIR (the EAGLE-3 drafter to speculate with)")
+        return None
+    from tlt.config import job_spec_from_dict
+    from tlt.rollout.tuner import SpecStrategy
+
+    if args.sd_strategy is None:
+        return job_spec_from_dict({"seed": args.seed, "rollout": {"speculative": {"mode": "adaptive"}}})
+    try:
+        SpecStrategy.parse(args.sd_strategy)
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"--sd-strategy: {exc}") from None
+    return job_spec_from_dict({"seed": args.seed,
+                               "rollout": {"speculative": {"mode": "always", "strategy": args.sd_strategy}}})
 
 
 def cmd_build_demo_model(args: argparse.Namespace) -> int:

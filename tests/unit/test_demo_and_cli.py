@@ -1,4 +1,4 @@
-"""The demo model builder and the ``tlt`` command line (run as real subprocesses)."""
+"""The demo model builder and the ``tlt`` command line (run as real subprocesses, or in process through ``main``)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,34 @@ def test_user_errors_are_one_line_without_traceback(tlt_home, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_generate_with_a_drafter_speculates_and_changes_no_token(demo_model_dir, demo_drafter_dir, capsys):
+    from tlt.cli import main
+
+    base = ["generate", "--model", str(demo_model_dir), "--max-new-tokens", "40", "--json", "--temperature", "0"]
+    runs = {}
+    for name, extra in {"plain": [], "adaptive": ["--drafter", str(demo_drafter_dir)],
+                        "always": ["--drafter", str(demo_drafter_dir), "--sd-strategy", "4_2_8"]}.items():
+        assert main([*base, *extra]) == 0
+        out, err = capsys.readouterr()
+        runs[name] = ([json.loads(line)["token_ids"] for line in out.splitlines()], err)
+    assert runs["adaptive"][0] == runs["plain"][0] == runs["always"][0]  # greedy SD is lossless
+    assert "speculative decoding" not in runs["plain"][1]
+    for name in ("adaptive", "always"):
+        accepted = float(runs[name][1].rsplit("acceptance length ", 1)[1])
+        assert accepted > 1.5, runs[name][1]  # the trained demo drafter gets its drafts accepted
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sd-strategy", "3_2_6"], "--sd-strategy needs --drafter DIR"),
+    (["--drafter", "{drafter}", "--sd-strategy", "3_x_6"], "--sd-strategy: strategy must look like 'depth_"),
+    (["--drafter", "/nonexistent/drafter"], "drafter directory /nonexistent/drafter does not exist"),
+], ids=["strategy-without-drafter", "bad-strategy", "missing-drafter"])
+def test_generate_speculation_errors_are_one_line(demo_model_dir, demo_drafter_dir, capsys, args, message):
+    from tlt.cli import main
+
+    args = [a.format(drafter=demo_drafter_dir) for a in args]
+    assert main(["generate", "--model", str(demo_model_dir), *args]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tlt generate: error: ") and message in line
