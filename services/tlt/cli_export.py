@@ -31,6 +31,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tlt.controller.components import resolve_model_dir
     from tlt.export import export_drafter, export_policy, origin
     from tlt.store import ArtifactStore
     from tlt.store_s3 import is_s3
@@ -50,18 +51,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"vLLM: speculative_config={{\"method\": \"eagle3\", \"model\": \"{args.out}\", "
               "\"num_speculative_tokens\": 3}")
         return 0
-    base = None if args.no_tokenizer else _base_model_dir(spec.model.path)
+    base = None
+    if not args.no_tokenizer:
+        try:
+            base = resolve_model_dir(spec, build=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (the policy's tokenizer comes from it), or pass --no-tokenizer") from None
     manifest, config, added = export_policy(store, args.out, base, version=args.version, force=args.force)
     print(f"exported {origin(manifest)} from {uri} to {args.out}: Hugging Face model "
           f"({', '.join(config.get('architectures') or ['unknown architecture'])}"
           + (f", tokenizer from {base}" if added else ", no tokenizer") + ")")
     return 0
-
-
-def _base_model_dir(model_path: str) -> Path:
-    """The job's model directory (the demo model's cache directory for ``demo``; never built here)."""
-    if model_path == "demo":
-        from tlt.models.demo import default_demo_dir
-
-        return default_demo_dir()
-    return Path(model_path)

@@ -171,3 +171,12 @@ def test_a_base_model_without_a_tokenizer_is_named(policy_store, demo_model_dir,
     shutil.copyfile(demo_model_dir / "config.json", bare / "config.json")
     assert _export("policy", "--store", str(store), "--set", f"model.path={bare}", "--out", str(tmp_path / "o")) == 2
     assert f"model.path: {bare} has no tokenizer" in capsys.readouterr().err
+
+
+def test_a_missing_base_model_names_no_tokenizer(policy_store, tmp_path, capsys):
+    store, _ = policy_store
+    args = ["--store", str(store), "--set", f"model.path={tmp_path / 'gone'}", "--out", str(tmp_path / "o")]
+    assert _export("policy", *args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"model.path: {tmp_path / 'gone'} is not a Hugging Face model directory" in line and "--no-tokenizer" in line
+    assert _export("policy", *args, "--no-tokenizer") == 0

@@ -18,12 +18,12 @@ from tlt.rewards.registry import reward_fn, reward_name_for_source
 HELDOUT_SEED_OFFSET = 1_000_003
 
 
-def resolve_model_dir(spec: JobSpec) -> Path:
-    """The policy's HF directory; ``demo`` builds (once) and returns the local demo model."""
+def resolve_model_dir(spec: JobSpec, build: bool = True) -> Path:
+    """The policy's HF directory; ``demo`` builds (once, unless not ``build``) and returns the local demo model."""
     if spec.model.path == "demo":
-        from tlt.models.demo import ensure_demo_model
+        from tlt.models.demo import default_demo_dir, ensure_demo_model
 
-        return Path(ensure_demo_model())
+        return Path(ensure_demo_model()) if build else default_demo_dir()
     path = Path(spec.model.path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json); "
