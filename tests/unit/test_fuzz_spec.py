@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tlt.cli_run import _load_spec, parse_overrides
+from tlt.cli_run import load_spec, parse_overrides
 from tlt.config import JobSpec, job_spec_from_dict, load_job_spec
 from tlt.errors import ConfigError
 from tlt.rollout.sampling import SamplingParams
@@ -367,7 +367,7 @@ def test_set_overrides_give_a_spec_or_a_config_error(items):
         return
     assert isinstance(overrides, dict)
     try:
-        spec = _load_spec(None, overrides)
+        spec = load_spec(None, overrides)
     except ConfigError as exc:
         assert str(exc).strip()
         # an override key names the field itself; its dotted pieces become the nested mapping's keys
