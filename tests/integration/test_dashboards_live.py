@@ -22,6 +22,7 @@ from tests.prometheus_server import PrometheusError, PrometheusServer
 from tests.unit.test_dashboards import DASHBOARD_FILES, load, panel_queries, substitute, variable_queries
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
+from tlt.drafter.spot import MICRO_BATCH
 from tlt.serving.launcher import LocalServices
 
 pytestmark = pytest.mark.slow  # 25-45 s on 2 cores: service start-up, a two-step job, then the queries
@@ -59,6 +60,9 @@ def test_every_dashboard_query_returns_data(tmp_path, demo_drafter_dir, promethe
     spec = job_spec_from_dict(apply_overrides({}, {
         **TINY_JOB, "output_dir": str(tmp_path), "steps": 2, "data.heldout": 4, "rollout.workers": 2,
         "rollout.speculative.mode": "adaptive", "drafter.min_responses": 1,
+        # one micro-batch per drafter step: a step cannot be preempted part-way, so the first one reports a loss
+        # (a part-step keeps the last full loss, and a stint of part-steps alone leaves the loss panel empty)
+        "drafter.batch_size": MICRO_BATCH,
     }))
     queries = _queries()
     services = LocalServices(spec)
@@ -73,7 +77,8 @@ def test_every_dashboard_query_returns_data(tmp_path, demo_drafter_dir, promethe
             records = controller.run()
             assert [r["step"] for r in records] == [1, 2]
             # the drafter panels need a long tail in which some worker trained the drafter and pushed a delta
-            assert any(r["drafter_train"]["pushes"] for r in records), [r["roles"] for r in records]
+            assert any(r["drafter_train"]["pushes"] and r["drafter_train"]["loss"] is not None for r in records), \
+                [(r["roles"], r["drafter_train"]) for r in records]
             prom.wait_for("tlt_controller_step == 2", timeout=15)
             # the per-batch-size counter splits each worker's SD on/off counter exactly (one snapshot per scrape)
             split = {(r["metric"]["worker"], r["metric"]["sd"]): float(r["value"][1]) for r in prom.query(
