@@ -119,7 +119,7 @@ def test_generate_with_a_drafter_speculates_and_changes_no_token(demo_model_dir,
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--sd-strategy", "3_2_6"], "--sd-strategy needs --drafter DIR"),
-    (["--drafter", "{drafter}", "--sd-strategy", "3_x_6"], "--sd-strategy: strategy must look like 'depth_"),
+    (["--drafter", "{drafter}", "--sd-strategy", "3_x_6"], "--sd-strategy: rollout.speculative.strategy '3_x_6' is"),
     (["--drafter", "/nonexistent/drafter"], "drafter directory /nonexistent/drafter does not exist"),
 ], ids=["strategy-without-drafter", "bad-strategy", "missing-drafter"])
 def test_generate_speculation_errors_are_one_line(demo_model_dir, demo_drafter_dir, capsys, args, message):
