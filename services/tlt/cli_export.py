@@ -48,7 +48,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"exported {origin(manifest)} from {uri} to {args.out}: EAGLE-3 draft model (aux layers "
               f"{config['eagle_config']['eagle_aux_hidden_state_layer_ids']}, draft vocabulary "
               f"{config.get('draft_vocab_size')})")
-        print(f"vLLM: speculative_config={{\"method\": \"eagle3\", \"model\": \"{args.out}\", "
+        print(f"vLLM: speculative_config={{\"method\": \"eagle3\", \"model\": \"{args.out.resolve()}\", "
               "\"num_speculative_tokens\": 3}")
         return 0
     base = None
