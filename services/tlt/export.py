@@ -85,20 +85,29 @@ def fetch_into(store: ArtifactStore, manifest: Manifest, out: str | Path, extra_
                           "--force to replace it")
     staging = out.parent / f".{out.name}.export-{uuid.uuid4().hex}"
     try:
-        store.fetch(manifest.kind, manifest.version, staging)
-        for name, source in extra_files.items():
-            shutil.copyfile(source, staging / name)
-        if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex}"
-            os.rename(out, old)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        os.rename(staging, out)
+        _stage_and_swap(store, manifest, out, staging, extra_files)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {out} ({exc.strerror or exc}: {exc.filename or out}); choose a "
+                          "directory you can write to, with room for the model") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _stage_and_swap(store: ArtifactStore, manifest: Manifest, out: Path, staging: Path,
+                    extra_files: dict[str, Path]) -> None:
+    """Fetch into ``staging``, add ``extra_files``, then put ``staging`` in the place of ``out``."""
+    store.fetch(manifest.kind, manifest.version, staging)
+    for name, source in extra_files.items():
+        shutil.copyfile(source, staging / name)
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex}"
+        os.rename(out, old)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    os.rename(staging, out)
 
 
 def tokenizer_files(model_dir: Path, policy_config: dict[str, Any]) -> dict[str, Path]:

@@ -107,12 +107,14 @@ def test_a_damaged_version_leaves_nothing_behind(drafter_store, tmp_path, capsys
                                        "rollout.speculative.mode is adaptive or always)"),
     (["--store", "{store}", "--version", "5"], "drafter v5 is not in {store} (complete versions: [0, 1])"),
     (["--store", "{store}", "--version", "-1"], "--version must be >= 0, got -1"),
-], ids=["missing-store", "no-versions", "unknown-version", "negative-version"])
+    (["--store", "{store}", "--out", "{tmp}/a-file/sub"], "--out: cannot write {tmp}/a-file/sub (File exists: "),
+], ids=["missing-store", "no-versions", "unknown-version", "negative-version", "out-under-a-file"])
 def test_bad_requests_are_one_clear_line(drafter_store, tmp_path, capsys, args, message):
     store, _ = drafter_store
     (tmp_path / "empty-store").mkdir()
+    (tmp_path / "a-file").write_text("")
     fill = {"tmp": tmp_path, "store": store}
-    assert _export("drafter", *[a.format(**fill) for a in args], "--out", str(tmp_path / "out")) == 2
+    assert _export("drafter", "--out", str(tmp_path / "out"), *[a.format(**fill) for a in args]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("tlt export-drafter: error: ") and message.format(**fill) in line
     assert not (tmp_path / "out").exists()
