@@ -19,10 +19,10 @@ from typing import Any
 
 from tlt.errors import ConfigError
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND as DRAFTER
+from tlt.store.kinds import POLICY_KIND as POLICY
 from tlt.store.manifest import Manifest
 
-DRAFTER = "drafter"
-POLICY = "policy"
 # What a Hugging Face model directory holds besides its config and weights; copied from the base model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",

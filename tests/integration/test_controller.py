@@ -11,8 +11,9 @@ import torch
 from tests.integration.conftest import TINY_JOB
 from tests.processes import step_records
 from tlt.config import apply_overrides, job_spec_from_dict
-from tlt.controller.loop import POLICY_KIND, Controller
+from tlt.controller.loop import Controller
 from tlt.store import ArtifactStore
+from tlt.store.kinds import POLICY_KIND
 
 
 def _spec(tmp_path, **extra):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.integration.conftest import TINY_JOB
 from tests.processes import alive, free_port, scrape, step_records
 from tlt.config import apply_overrides, job_spec_from_dict
-from tlt.controller.loop import POLICY_KIND, Controller
+from tlt.controller.loop import Controller
 from tlt.rpc.client import open_channel, set_worker_role
 from tlt.rpc.errors import RpcError
 from tlt.rpc.v1 import (
@@ -31,6 +31,7 @@ from tlt.rpc.v1 import (
 )
 from tlt.serving.launcher import LocalServices
 from tlt.store import ArtifactStore
+from tlt.store.kinds import POLICY_KIND
 
 
 def _spec(path, **extra):

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from tlt.drafter.aggregator import DRAFTER_KIND, trainable_state
+from tlt.drafter.aggregator import trainable_state
 from tlt.drafter.service import RemoteDrafter
 from tlt.drafter.spot import SpotDrafterTrainer
 from tlt.models.drafter_io import copy_drafter_tensors, load_drafter
 from tlt.models.loader import load_model
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND
 
 
 def main() -> None:

@@ -17,11 +17,10 @@ from tests.integration.conftest import TINY_JOB
 from tests.processes import checkpoint_optimizer_steps, scrape, step_records
 from tests.reliability.service_process import ServiceProcess, spawn_service, wait_for_rollout
 from tlt.config import apply_overrides, job_spec_from_dict
-from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.metrics import RPC_HANDLED
 from tlt.rollout.service import RemoteRolloutWorker
-from tlt.rollout.worker import POLICY_KIND
 from tlt.store import STAGING_PREFIX, ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 
 STEPS = 4
 WORKERS = 2

@@ -13,9 +13,9 @@ import yaml
 from tests.reliability.service_process import spawn_service
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.rollout.service import RemoteRolloutWorker
-from tlt.rollout.worker import POLICY_KIND
 from tlt.rpc.errors import RpcError
 from tlt.store import ArtifactStore
+from tlt.store.kinds import POLICY_KIND
 
 
 def _flip_byte(path: Path, offset: int) -> None:

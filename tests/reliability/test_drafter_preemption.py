@@ -24,13 +24,13 @@ import yaml
 from tests.integration.test_adaptive_drafter import acceptance, drift_policy
 from tests.reliability.service_process import spawn_service
 from tlt.config import JobSpec, apply_overrides, job_spec_from_dict
-from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.drafter.service import RemoteDrafter
 from tlt.models.drafter_io import copy_drafter_tensors, load_drafter
 from tlt.models.loader import load_model, save_model
 from tlt.rollout.engine import RolloutEngine
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND
 
 START_TIMEOUT_S = 120.0
 HELD_OUT_SEED = 6  # prompts and sampling seeds the spot workers never train on

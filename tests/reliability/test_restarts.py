@@ -14,10 +14,9 @@ import pytest
 from tests.integration.conftest import TINY_JOB
 from tests.processes import alive, checkpoint_optimizer_steps, step_records
 from tests.reliability.service_process import wait_for_rollout
-from tlt.controller.loop import POLICY_KIND
-from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.rollout.service import RemoteRolloutWorker
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 
 WORKERS = 2
 

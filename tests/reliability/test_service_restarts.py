@@ -13,10 +13,9 @@ from tests.integration.conftest import TINY_JOB
 from tests.processes import checkpoint_optimizer_steps
 from tlt.config import apply_overrides, job_spec_from_dict
 from tlt.controller.loop import Controller
-from tlt.drafter.aggregator import DRAFTER_KIND
-from tlt.rollout.worker import POLICY_KIND
 from tlt.serving.launcher import LocalServices
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 
 
 @pytest.mark.usefixtures("demo_drafter_dir")

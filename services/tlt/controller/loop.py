@@ -29,14 +29,14 @@ from tlt.config import JobSpec
 from tlt.controller import components as comp
 from tlt.controller.services import ServiceAddresses, Services, build_inproc, connect
 from tlt.data.datasets import PromptRecord, PromptSampler
-from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError
 from tlt.rollout.engine import RequestOutput
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
-from tlt.rollout.worker import POLICY_KIND, RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
+from tlt.rollout.worker import RequestQueue, RolloutRequest, WorkerStepSummary, add_stats, sum_reports
 from tlt.rpc.errors import RpcError
 from tlt.store import ArtifactStore
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 from tlt.trainer.policy import Sample
 from tlt_operator.planner import JobProgress, PlannerConfig, WorkerProgress, in_long_tail, plan_roles, role_changes
 

@@ -20,8 +20,8 @@ from tlt.errors import InvalidRequestError
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.drafter_io import save_drafter
 from tlt.store import VersionNotFoundError
+from tlt.store.kinds import DRAFTER_KIND
 
-DRAFTER_KIND = "drafter"
 PUBLISH_DTYPE = torch.bfloat16  # what publish_drafter writes
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tlt.config import JobSpec
-from tlt.drafter.aggregator import DRAFTER_KIND, AggregatorStatus, DrafterAggregator, publish_drafter
+from tlt.drafter.aggregator import AggregatorStatus, DrafterAggregator, publish_drafter
 from tlt.errors import InvalidRequestError
 from tlt.models.drafter_io import copy_drafter_tensors
 from tlt.models.transformer import CausalLM
@@ -24,6 +24,7 @@ from tlt.rpc.client import RemoteClient
 from tlt.rpc.server import ServicerBase, chunks, rpc_method
 from tlt.rpc.v1 import drafter_pb2, drafter_pb2_grpc
 from tlt.store import ArtifactStore, VersionNotFoundError
+from tlt.store.kinds import DRAFTER_KIND
 
 SERVICE_NAME = "tlt.v1.Drafter"
 MAX_DELTA_BYTES = 8 * 1024 * 1024 * 1024

@@ -17,7 +17,7 @@ import torch
 
 from tlt import metrics as m
 from tlt.config import JobSpec
-from tlt.drafter.aggregator import DRAFTER_KIND, trainable_state
+from tlt.drafter.aggregator import trainable_state
 from tlt.drafter.spot import SpotDrafterTrainer, SpotReport
 from tlt.models.drafter import Eagle3Drafter
 from tlt.models.drafter_io import copy_drafter_tensors
@@ -28,9 +28,8 @@ from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
 from tlt.rollout.tuner import BegMabTuner, SpecStrategy, TunerConfig
 from tlt.store import ArtifactStore, VersionNotFoundError
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 from tlt_operator.planner import DRAFTER, ROLLOUT, Role, WorkerProgress
-
-POLICY_KIND = "policy"
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,13 @@ Built = tuple[Callable, object, str, Callable[[], list], Callable[[], None]]
 
 
 def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir: Path, registry) -> Built:
-    from tlt.drafter.aggregator import DRAFTER_KIND
     from tlt.drafter.service import RemoteDrafter
     from tlt.models.drafter_io import load_drafter
     from tlt.models.loader import load_model, resolve_device
     from tlt.rollout.service import SERVICE_NAME, RolloutServicer
     from tlt.rollout.worker import RolloutWorker
     from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
+    from tlt.store.kinds import DRAFTER_KIND
 
     if spec.rollout.backend == "vllm":
         return _vllm_rollout(spec, opts, store, model_dir, registry)
@@ -119,11 +119,11 @@ def _rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir:
 
 def _vllm_rollout(spec: JobSpec, opts: ServeOptions, store: ArtifactStore, model_dir: Path, registry) -> Built:
     """A rollout service on the vLLM backend: same RPCs; vLLM reads the drafter's EAGLE-3 files itself."""
-    from tlt.drafter.aggregator import DRAFTER_KIND
     from tlt.models.loader import resolve_device
     from tlt.rollout.backends.vllm import VllmRolloutWorker, one_engine_process_defaults
     from tlt.rollout.service import SERVICE_NAME, RolloutServicer
     from tlt.rpc.v1.rollout_pb2_grpc import add_RolloutServicer_to_server
+    from tlt.store.kinds import DRAFTER_KIND
 
     one_engine_process_defaults(resolve_device("auto"))  # this process holds one engine
     directory = None

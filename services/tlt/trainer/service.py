@@ -21,10 +21,10 @@ from tlt.rpc.client import RemoteClient
 from tlt.rpc.server import ServicerBase, rpc_method
 from tlt.rpc.v1 import trainer_pb2, trainer_pb2_grpc
 from tlt.store import ArtifactStore
+from tlt.store.kinds import POLICY_KIND
 from tlt.trainer.policy import META_FILE, Sample, make_policy_trainer
 
 SERVICE_NAME = "tlt.v1.Trainer"
-POLICY_KIND = "policy"
 MAX_SAMPLES = 1_000_000
 
 

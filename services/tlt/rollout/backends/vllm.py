@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tlt import metrics as m
-from tlt.drafter.aggregator import DRAFTER_KIND
 from tlt.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tlt.models.config import read_json
 from tlt.models.loader import resolve_device
@@ -53,7 +52,8 @@ from tlt.rollout.engine import (
 )
 from tlt.rollout.sampling import SamplingParams
 from tlt.rollout.speculative import SpecDecodeStats
-from tlt.rollout.worker import POLICY_KIND, RolloutWorker
+from tlt.rollout.worker import RolloutWorker
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 from tlt_operator.planner import ROLLOUT
 
 if TYPE_CHECKING:
