@@ -7,16 +7,16 @@ from pathlib import Path
 
 from tlt.cli_run import add_spec_args, check_store, load_spec, parse_overrides
 from tlt.errors import ConfigError
-from tlt.export import DRAFTER, POLICY
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 
 _HELP = {
-    DRAFTER: "export a trained drafter version as an EAGLE-3 draft model directory (vLLM loads it)",
-    POLICY: "export a trained policy version as a Hugging Face model directory (weights, config, tokenizer)",
+    DRAFTER_KIND: "export a trained drafter version as an EAGLE-3 draft model directory (vLLM loads it)",
+    POLICY_KIND: "export a trained policy version as a Hugging Face model directory (weights, config, tokenizer)",
 }
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    for kind in (DRAFTER, POLICY):
+    for kind in (DRAFTER_KIND, POLICY_KIND):
         p = sub.add_parser(f"export-{kind}", help=_HELP[kind])
         add_spec_args(p)  # as given to `tlt run`: the store is found where the job put it
         p.add_argument("--store", metavar="URI",
@@ -24,7 +24,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--version", type=int, help=f"{kind} version to export (default: the newest complete one)")
         p.add_argument("--out", type=Path, required=True, help="directory to write (must be new or empty)")
         p.add_argument("--force", action="store_true", help="replace --out if it exists")
-        if kind == POLICY:
+        if kind == POLICY_KIND:
             p.add_argument("--no-tokenizer", action="store_true",
                            help="weights and config only (default: add the tokenizer of the job's model.path)")
         p.set_defaults(func=cmd_export, kind=kind)
@@ -43,7 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "--output-dir, --set store.uri=... or --store)")
     check_store(uri)
     store = ArtifactStore(uri)
-    if args.kind == DRAFTER:
+    if args.kind == DRAFTER_KIND:
         manifest, config = export_drafter(store, args.out, version=args.version, force=args.force)
         print(f"exported {origin(manifest)} from {uri} to {args.out}: EAGLE-3 draft model (aux layers "
               f"{config['eagle_config']['eagle_aux_hidden_state_layer_ids']}, draft vocabulary "

@@ -19,8 +19,7 @@ from typing import Any
 
 from tlt.errors import ConfigError
 from tlt.store import ArtifactStore
-from tlt.store.kinds import DRAFTER_KIND as DRAFTER
-from tlt.store.kinds import POLICY_KIND as POLICY
+from tlt.store.kinds import DRAFTER_KIND, POLICY_KIND
 from tlt.store.manifest import Manifest
 
 # What a Hugging Face model directory holds besides its config and weights; copied from the base model.
@@ -28,8 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 _PUBLISHER = {
-    DRAFTER: "the drafter service publishes them when rollout.speculative.mode is adaptive or always",
-    POLICY: "the trainer publishes one per step",
+    DRAFTER_KIND: "the drafter service publishes them when rollout.speculative.mode is adaptive or always",
+    POLICY_KIND: "the trainer publishes one per step",
 }
 
 
@@ -57,9 +56,9 @@ def export_drafter(store: ArtifactStore, out: str | Path, *, version: int | None
     returns its manifest and config."""
     from tlt.models.drafter import DrafterConfig
 
-    manifest = pick_version(store, DRAFTER, version)
+    manifest = pick_version(store, DRAFTER_KIND, version)
     config = stored_config(store, manifest)
-    DrafterConfig.from_hf_dict(config, f"{DRAFTER} v{manifest.version}/config.json")
+    DrafterConfig.from_hf_dict(config, f"{DRAFTER_KIND} v{manifest.version}/config.json")
     fetch_into(store, manifest, out, {}, force)
     return manifest, config
 
@@ -68,7 +67,7 @@ def export_policy(store: ArtifactStore, out: str | Path, base_model: Path | None
                   force: bool = False) -> tuple[Manifest, dict[str, Any], list[str]]:
     """Export a policy version (default: the newest) to ``out`` with the tokenizer files of ``base_model`` (the
     job's model directory; None: weights and config alone); returns its manifest, config and the files added."""
-    manifest = pick_version(store, POLICY, version)
+    manifest = pick_version(store, POLICY_KIND, version)
     config = stored_config(store, manifest)
     extra = tokenizer_files(base_model, config) if base_model is not None else {}
     fetch_into(store, manifest, out, extra, force)
